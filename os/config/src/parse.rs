@@ -1,0 +1,79 @@
+//! Reading a machine configuration document, with errors that name the field and line.
+
+use crate::types::MachineConfig;
+
+/// A document that is not a well-formed v1alpha1 machine configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}{hint}", hint = hint(message))]
+pub struct ParseError {
+    /// The field path and what was wrong, as the decoder said it, with `at line L column C`.
+    pub message: String,
+    /// 1-based line of the problem, when known.
+    pub line: Option<usize>,
+    /// 1-based column of the problem, when known.
+    pub column: Option<usize>,
+}
+
+fn hint(message: &str) -> &'static str {
+    if message.contains("unknown field") {
+        "; remove the field or fix its spelling (docs/machine-config.md lists every field)"
+    } else if message.contains("more than one document") {
+        "; give one machine configuration document per file"
+    } else {
+        ""
+    }
+}
+
+impl From<serde_yaml::Error> for ParseError {
+    fn from(e: serde_yaml::Error) -> Self {
+        let location = e.location();
+        Self {
+            message: e.to_string(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+        }
+    }
+}
+
+/// Parses a document. Unknown fields are errors naming the field path and the line.
+pub fn from_yaml(text: &str) -> Result<MachineConfig, ParseError> {
+    Ok(serde_yaml::from_str(text)?)
+}
+
+/// Renders a document as YAML.
+pub fn to_yaml(config: &MachineConfig) -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "version: v1alpha1\nmachine:\n  type: worker\ncluster: {}\n";
+
+    #[test]
+    fn minimal_document_parses() {
+        let cfg = from_yaml(MINIMAL).unwrap();
+        assert!(cfg.persist);
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let text = "version: v1alpha1\nmachine:\n  type: worker\n  network:\n    interfaces:\n      - interface: eth0\n        adresses: [10.0.0.1/24]\ncluster: {}\n";
+        let err = from_yaml(text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("machine.network.interfaces[0]"), "{msg}");
+        assert!(msg.contains("unknown field `adresses`"), "{msg}");
+        assert_eq!(err.line, Some(7), "{msg}");
+        assert!(msg.contains("remove the field"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_names_the_choices() {
+        let err = from_yaml("version: v1alpha1\nmachine:\n  type: master\ncluster: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("machine.type"), "{err}");
+        assert!(err.contains("controlplane"), "{err}");
+    }
+}
