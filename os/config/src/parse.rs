@@ -17,7 +17,7 @@ pub struct ParseError {
 fn hint(message: &str) -> &'static str {
     if message.contains("unknown field") {
         "; remove the field or fix its spelling (docs/machine-config.md lists every field)"
-    } else if message.contains("more than one document") {
+    } else if message.contains("YAML documents") {
         "; give one machine configuration document per file"
     } else {
         ""
@@ -37,6 +37,14 @@ impl From<serde_yaml::Error> for ParseError {
 
 /// Parses a document. Unknown fields are errors naming the field path and the line.
 pub fn from_yaml(text: &str) -> Result<MachineConfig, ParseError> {
+    let documents = serde_yaml::Deserializer::from_str(text).count();
+    if documents > 1 {
+        return Err(ParseError {
+            message: format!("the text holds {documents} YAML documents"),
+            line: None,
+            column: None,
+        });
+    }
     Ok(serde_yaml::from_str(text)?)
 }
 

@@ -70,7 +70,7 @@ pub(super) fn run(cmd: GenCommand) -> anyhow::Result<()> {
             kubernetes_bootstrap_token,
             force,
         } => {
-            refuse_overwrite(&[output.clone()], force)?;
+            refuse_overwrite(std::slice::from_ref(&output), force)?;
             let bundle = match (from_kubernetes_pki, kubernetes_bootstrap_token) {
                 (Some(dir), Some(token)) => SecretsBundle::from_kubernetes_pki(&dir, &token)
                     .with_context(|| format!("importing {}", dir.display()))?,
