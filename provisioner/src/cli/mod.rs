@@ -2,7 +2,9 @@
 
 mod completion;
 mod config;
+mod connect;
 mod generate;
+mod machine;
 mod validate;
 
 use std::path::PathBuf;
@@ -32,6 +34,12 @@ pub struct GlobalArgs {
     /// Context to use instead of the current one.
     #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
+    /// Nodes to run the command on (comma-separated or repeated); default: the context's.
+    #[arg(short, long, global = true, value_name = "NODES")]
+    pub nodes: Vec<String>,
+    /// Endpoints to connect to (comma-separated or repeated); default: the context's.
+    #[arg(short, long, global = true, value_name = "ENDPOINTS")]
+    pub endpoints: Vec<String>,
     /// More log output on stderr (-v info, -vv debug); KILN_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -66,6 +74,9 @@ pub enum Command {
     /// Generate documentation (man pages) from the command definitions.
     #[command(subcommand)]
     Docs(completion::DocsCommand),
+    /// Commands that act on nodes through the OS API.
+    #[command(flatten)]
+    Machine(machine::MachineCommand),
 }
 
 /// Runs a parsed command line.
@@ -76,6 +87,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).map(|()| ExitCode::SUCCESS),
         Command::Completion(args) => completion::completion(&args).map(|()| ExitCode::SUCCESS),
         Command::Docs(cmd) => completion::docs(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Machine(cmd) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime
+                .block_on(machine::run(cmd, &cli.global))
+                .map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,88 @@
+//! Every error of the API mapped to a gRPC status in one place.
+
+use tonic::{Code, Status};
+
+use crate::etcd::ops::EtcdOpError;
+use crate::meta::MetaError;
+use crate::supervisor::SupervisorError;
+
+/// Errors of API handlers.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request cannot be served in the node's state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A dependency (etcd, another node) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The configuration does not validate.
+    #[error("the configuration is not valid: {0}")]
+    InvalidConfig(String),
+    /// A supervisor request failed.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    /// A META request failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// An etcd operation failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdOpError),
+    /// Disk I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A forwarded call failed.
+    #[error(transparent)]
+    Forwarded(Status),
+}
+
+impl ApiError {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::InvalidArgument(_) | ApiError::InvalidConfig(_) => {
+                Status::invalid_argument(msg)
+            }
+            ApiError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Supervisor(SupervisorError::UnknownService { .. }) => Status::not_found(msg),
+            ApiError::Supervisor(SupervisorError::Timeout { .. }) => Status::deadline_exceeded(msg),
+            ApiError::Meta(MetaError::NotFound(_)) => Status::not_found(msg),
+            ApiError::Meta(MetaError::KeyRange(_) | MetaError::TooLarge(_)) => {
+                Status::invalid_argument(msg)
+            }
+            ApiError::Meta(MetaError::Io(_)) | ApiError::Io { .. } => Status::internal(msg),
+            ApiError::Etcd(EtcdOpError::NotRunning(_)) => Status::failed_precondition(msg),
+            ApiError::Etcd(EtcdOpError::Certificates(_)) => Status::internal(msg),
+            ApiError::Etcd(EtcdOpError::Etcd { .. }) => Status::unavailable(msg),
+            ApiError::Forwarded(status) => Status::new(status.code(), status.message().to_owned()),
+        }
+    }
+}
+
+/// A result for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Whether a status means the caller may retry.
+pub fn is_retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+}
