@@ -1,5 +1,7 @@
 //! Reading a machine configuration document, with errors that name the field and line.
 
+use serde::Deserialize as _;
+
 use crate::types::MachineConfig;
 
 /// A document that is not a well-formed v1alpha1 machine configuration.
@@ -37,7 +39,15 @@ impl From<serde_yaml::Error> for ParseError {
 
 /// Parses a document. Unknown fields are errors naming the field path and the line.
 pub fn from_yaml(text: &str) -> Result<MachineConfig, ParseError> {
-    let documents = serde_yaml::Deserializer::from_str(text).count();
+    // Count documents, stopping at the first that does not parse: serde_yaml's document
+    // iterator never ends after a syntax error (found by the fuzz tests).
+    let mut documents = 0;
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        documents += 1;
+        if documents > 1 || serde::de::IgnoredAny::deserialize(doc).is_err() {
+            break;
+        }
+    }
     if documents > 1 {
         return Err(ParseError {
             message: format!("the text holds {documents} YAML documents"),
@@ -74,6 +84,16 @@ mod tests {
         assert!(msg.contains("unknown field `adresses`"), "{msg}");
         assert_eq!(err.line, Some(7), "{msg}");
         assert!(msg.contains("remove the field"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_yaml_fails_promptly() {
+        // Regression: these used to hang in the document count.
+        for text in ["- a\nb: c", "\t", "key: \"unterminated", "]", "a: ["] {
+            assert!(from_yaml(text).is_err(), "{text:?}");
+        }
+        let err = from_yaml("version: v1alpha1\n---\nversion: v1alpha1\n").unwrap_err();
+        assert!(err.to_string().contains("2 YAML documents"), "{err}");
     }
 
     #[test]
