@@ -6,7 +6,10 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = kiln::cli::Cli::parse();
-    kiln::logging::init(cli.global.verbose);
+    // machined sets up its own logging (console buffer and stderr).
+    if !matches!(cli.command, kiln::cli::Command::Machined(_)) {
+        kiln::logging::init(cli.global.verbose);
+    }
     match kiln::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod boot;
 pub mod config_source;
+pub mod entry;
 pub mod etcd;
 pub mod events;
 pub mod logbuf;

@@ -1,143 +1,16 @@
-//! `machined`: parse arguments, start logging to the console buffer and stderr, run the boot
-//! sequence, and exit with the code that tells the launcher to reboot or power off.
-
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+//! `machined`: the init of Kiln OS as its own binary (images run it as PID 1 or entrypoint).
 
 use clap::Parser;
-use kiln_machined::config_source::ConfigSources;
-use kiln_machined::logbuf::LogBuffer;
-use kiln_machined::node::{Node, NodeOptions};
-use kiln_machined::platform::{Platform, Power, ProcessPlatform};
-use kiln_os_api::contract::{CONFIG_DATA_ENV, CONFIG_ENV, EXIT_REBOOT};
 
 /// The init of Kiln OS.
 #[derive(Debug, Parser)]
 #[command(name = "machined", version)]
-struct Args {
-    /// Platform: process (metal and container come with their provisioners).
-    #[arg(long, default_value = "process")]
-    platform: String,
-    /// Root directory of the node's volumes (process platform).
-    #[arg(long)]
-    root: PathBuf,
-    /// Address the API and etcd listen on and advertise.
-    #[arg(long)]
-    address: IpAddr,
-    /// Host name when the configuration gives none.
-    #[arg(long)]
-    hostname: Option<String>,
-    /// Machine configuration file (used when STATE holds none).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Machine configuration path or http:// URL.
-    #[arg(long, env = CONFIG_ENV)]
-    config_url: Option<String>,
-    /// Control-plane node to join etcd through, besides the control-plane endpoint.
-    #[arg(long = "join-peer")]
-    join_peers: Vec<String>,
-    /// etcd binary.
-    #[arg(long, default_value = "etcd")]
-    etcd_bin: String,
-    /// etcdctl binary.
-    #[arg(long, default_value = "etcdctl")]
-    etcdctl_bin: String,
-}
-
-#[derive(Clone)]
-struct Tee(Arc<LogBuffer>);
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
-    type Writer = TeeWriter<'a>;
-    fn make_writer(&'a self) -> Self::Writer {
-        TeeWriter(&self.0)
-    }
-}
-
-struct TeeWriter<'a>(&'a LogBuffer);
-
-impl std::io::Write for TeeWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf);
-        std::io::stderr().write_all(buf)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
+struct Cli {
+    #[command(flatten)]
+    args: kiln_machined::entry::Args,
 }
 
 fn main() {
-    let args = Args::parse();
-    let console = Arc::new(LogBuffer::new(4 << 20));
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_target(false)
-        .with_writer(Tee(console.clone()))
-        .init();
-    if args.platform != "process" {
-        eprintln!(
-            "machined: platform {:?} is not available in this build; use --platform process",
-            args.platform
-        );
-        std::process::exit(2);
-    }
-    let platform: Arc<dyn Platform> = Arc::new(ProcessPlatform::new(
-        args.root.clone(),
-        args.address,
-        args.hostname.clone(),
-    ));
-    let sources = ConfigSources {
-        file: args.config.clone(),
-        data_env: std::env::var(CONFIG_DATA_ENV).ok(),
-        location: args.config_url.clone(),
-    };
-    let options = NodeOptions {
-        join_peers: args.join_peers.clone(),
-        etcd_bin: args.etcd_bin.clone(),
-        etcdctl_bin: args.etcdctl_bin.clone(),
-    };
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("machined: starting the runtime: {e}");
-            std::process::exit(EXIT_REBOOT);
-        }
-    };
-    let code = runtime.block_on(async move {
-        let (node, power_rx) = Node::new(platform.clone(), console, options);
-        let boot = tokio::spawn(kiln_machined::boot::run(node.clone(), sources, power_rx));
-        let signal = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
-            }
-        };
-        tokio::select! {
-            result = boot => match result {
-                Ok(power) => platform.exit_code(power),
-                Err(e) => {
-                    // PID 1 never just dies: a panic reboots the node.
-                    tracing::error!("machined panicked: {e}; rebooting");
-                    platform.exit_code(Power::Reboot)
-                }
-            },
-            () = signal => {
-                node.request_power(kiln_machined::node::PowerRequest { power: Power::Shutdown, wipe: vec![], reason: "SIGTERM".into() }).await;
-                node.supervisor.stop_all().await;
-                platform.exit_code(Power::Shutdown)
-            }
-        }
-    });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    std::process::exit(code);
+    let cli = Cli::parse();
+    std::process::exit(kiln_machined::entry::run(cli.args));
 }

@@ -77,6 +77,9 @@ pub enum Command {
     /// Commands that act on nodes through the OS API.
     #[command(flatten)]
     Machine(machine::MachineCommand),
+    /// Run machined (the node launcher starts process nodes this way).
+    #[command(hide = true)]
+    Machined(kiln_machined::entry::Args),
 }
 
 /// Runs a parsed command line.
@@ -87,6 +90,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).map(|()| ExitCode::SUCCESS),
         Command::Completion(args) => completion::completion(&args).map(|()| ExitCode::SUCCESS),
         Command::Docs(cmd) => completion::docs(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Machined(args) => Ok(ExitCode::from(
+            u8::try_from(kiln_machined::entry::run(args)).unwrap_or(1),
+        )),
         Command::Machine(cmd) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

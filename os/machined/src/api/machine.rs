@@ -169,7 +169,7 @@ impl MachineApi {
         let me = members
             .members()
             .iter()
-            .find(|m| m.peer_urls().iter().any(|u| *u == peer))
+            .find(|m| m.peer_urls().contains(&peer))
             .ok_or_else(|| {
                 ApiError::FailedPrecondition("this node is not an etcd member".into())
             })?;

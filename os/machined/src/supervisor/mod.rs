@@ -257,25 +257,33 @@ impl Handle {
                 last_message: m.clone(),
             },
         };
-        let changed = {
+        let message = match &result {
+            Ok(()) => "Health check successful".to_owned(),
+            Err(m) => format!("Health check failed: {m}"),
+        };
+        {
             let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             let changed = s.health.healthy != health.healthy || s.health.unknown;
             s.health = health;
-            changed
-        };
-        if changed {
-            let msg = match result {
-                Ok(()) => "Health check successful".to_owned(),
-                Err(m) => format!("Health check failed: {m}"),
-            };
-            self.events.publish(
-                EventKind::Service,
-                self.id,
-                "Running",
-                format!("[Running]: {msg}"),
-            );
-            self.changed.send_modify(|v| *v += 1);
+            if !changed {
+                return;
+            }
+            s.events.push_back(ServiceEvent {
+                state: ServiceState::Running,
+                message: message.clone(),
+                at: SystemTime::now(),
+            });
+            while s.events.len() > EVENT_HISTORY {
+                s.events.pop_front();
+            }
         }
+        self.events.publish(
+            EventKind::Service,
+            self.id,
+            "Running",
+            format!("[Running]: {message}"),
+        );
+        self.changed.send_modify(|v| *v += 1);
     }
 
     fn status(&self) -> ServiceStatus {
@@ -609,7 +617,7 @@ impl Supervisor {
                     );
                     self.wait_restart(&h, &mut stop, &mut backoff, true).await;
                 }
-                RunOutcome::Exited(code) if code == Some(0) => {
+                RunOutcome::Exited(Some(0)) => {
                     h.set_state(
                         ServiceState::Finished,
                         "Service finished successfully".to_owned(),
