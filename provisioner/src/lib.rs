@@ -12,5 +12,13 @@
 //! Only configuration commands exist so far: `gen`, `validate`, `config`, `completion`, `docs`.
 
 pub mod cli;
+pub mod daemon;
+pub mod health;
+pub mod launcher;
+pub mod lb_helper;
 pub mod logging;
+pub mod network;
 pub mod output;
+pub mod progress;
+pub mod provision;
+pub mod state;

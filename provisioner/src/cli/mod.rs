@@ -1,5 +1,6 @@
 //! The `kiln` command line: global flags and one module per command group.
 
+mod cluster;
 mod completion;
 mod config;
 mod connect;
@@ -26,7 +27,7 @@ pub struct Cli {
 }
 
 /// Flags accepted by every command.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Client config with the contexts (default: ~/.kiln/config).
     #[arg(long, global = true, env = "KILNCONFIG", value_name = "PATH")]
@@ -58,6 +59,16 @@ impl GlobalArgs {
     }
 }
 
+fn block_on(
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(fut).map(|()| ExitCode::SUCCESS)
+}
+
 /// Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -74,6 +85,11 @@ pub enum Command {
     /// Generate documentation (man pages) from the command definitions.
     #[command(subcommand)]
     Docs(completion::DocsCommand),
+    /// Create, destroy, show and power local clusters.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Check that a cluster is healthy.
+    Health(cluster::HealthArgs),
     /// Commands that act on nodes through the OS API.
     #[command(flatten)]
     Machine(machine::MachineCommand),
@@ -90,18 +106,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).map(|()| ExitCode::SUCCESS),
         Command::Completion(args) => completion::completion(&args).map(|()| ExitCode::SUCCESS),
         Command::Docs(cmd) => completion::docs(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Cluster(cmd) => block_on(cluster::run(cmd, &cli.global)),
+        Command::Health(args) => block_on(cluster::health(args, &cli.global)),
         Command::Machined(args) => Ok(ExitCode::from(
             u8::try_from(kiln_machined::entry::run(args)).unwrap_or(1),
         )),
-        Command::Machine(cmd) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime
-                .block_on(machine::run(cmd, &cli.global))
-                .map(|()| ExitCode::SUCCESS)
-        }
+        Command::Machine(cmd) => block_on(machine::run(cmd, &cli.global)),
     }
 }
 

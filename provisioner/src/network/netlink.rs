@@ -1,0 +1,305 @@
+//! Root mode, through rtnetlink: one Linux bridge per cluster with the gateway address, and per
+//! node a network namespace with a veth pair into the bridge, the node's address, a default
+//! route through the gateway and the MTU. Teardown removes each object and ignores ones that
+//! are already gone, so it also cleans up after a create that was killed halfway.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd as _;
+
+use futures::TryStreamExt as _;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, NetworkNamespace, RouteMessageBuilder};
+
+/// A netlink operation that failed, with what it was doing.
+#[derive(Debug, thiserror::Error)]
+#[error("{action}: {reason}")]
+pub struct NetlinkError {
+    /// What was being done.
+    pub action: String,
+    /// The kernel's or library's message.
+    pub reason: String,
+}
+
+fn err(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let action = action.into();
+    move |e| NetlinkError {
+        action,
+        reason: e.to_string(),
+    }
+}
+
+fn io_err(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetlinkError {
+    let action = action.into();
+    move |e| NetlinkError {
+        action,
+        reason: e.to_string(),
+    }
+}
+
+/// Opens a netlink connection in the current network namespace.
+pub fn connect() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(io_err("opening a netlink socket"))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, NetlinkError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(None) => Ok(None),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(e) => Err(err(format!("looking up link {name}"))(e)),
+    }
+}
+
+/// Creates the bridge with the gateway address (idempotent).
+pub async fn create_bridge(
+    handle: &Handle,
+    name: &str,
+    gateway: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> Result<(), NetlinkError> {
+    if index_of(handle, name).await?.is_none() {
+        handle
+            .link()
+            .add(LinkBridge::new(name).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(err(format!("creating bridge {name}")))?;
+    }
+    let idx = index_of(handle, name).await?.ok_or_else(|| NetlinkError {
+        action: format!("creating bridge {name}"),
+        reason: "it vanished".into(),
+    })?;
+    match handle
+        .address()
+        .add(idx, IpAddr::V4(gateway), prefix)
+        .execute()
+        .await
+    {
+        Ok(()) => {}
+        // EEXIST: the address is already there.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+        Err(e) => return Err(err(format!("adding {gateway}/{prefix} to {name}"))(e)),
+    }
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .map_err(err(format!("bringing {name} up")))?;
+    Ok(())
+}
+
+/// Everything about one node's link.
+#[derive(Debug, Clone)]
+pub struct NodeLink {
+    /// Namespace name.
+    pub netns: String,
+    /// Host-side veth name.
+    pub veth: String,
+    /// Bridge to attach to.
+    pub bridge: String,
+    /// Node address.
+    pub address: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Gateway.
+    pub gateway: Ipv4Addr,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// Creates the node's namespace and veth pair and configures its side.
+pub async fn create_node(handle: &Handle, link: &NodeLink) -> Result<(), NetlinkError> {
+    let ns_path = format!("/var/run/netns/{}", link.netns);
+    if !std::path::Path::new(&ns_path).exists() {
+        NetworkNamespace::add(link.netns.clone())
+            .await
+            .map_err(err(format!("creating network namespace {}", link.netns)))?;
+    }
+    let peer = format!("{}p", link.veth);
+    if index_of(handle, &link.veth).await?.is_none() {
+        handle
+            .link()
+            .add(LinkVeth::new(&link.veth, &peer).mtu(link.mtu).build())
+            .execute()
+            .await
+            .map_err(err(format!("creating veth {}", link.veth)))?;
+    }
+    let bridge = index_of(handle, &link.bridge)
+        .await?
+        .ok_or_else(|| NetlinkError {
+            action: format!("attaching {} to {}", link.veth, link.bridge),
+            reason: "the bridge does not exist".into(),
+        })?;
+    let host = index_of(handle, &link.veth)
+        .await?
+        .ok_or_else(|| NetlinkError {
+            action: format!("creating veth {}", link.veth),
+            reason: "it vanished".into(),
+        })?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(host)
+                .controller(bridge)
+                .mtu(link.mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(err(format!("attaching {} to {}", link.veth, link.bridge)))?;
+    let ns = std::fs::File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
+    if let Some(peer_idx) = index_of(handle, &peer).await? {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(peer_idx)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(err(format!("moving {peer} into {}", link.netns)))?;
+    }
+    let link = link.clone();
+    // Configuring the inside needs a netlink socket in the namespace: a thread that enters it.
+    std::thread::spawn(move || -> Result<(), NetlinkError> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError {
+            action: format!("entering {}", link.netns),
+            reason: e.to_string(),
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_err("starting a runtime"))?;
+        rt.block_on(configure_inside(&link, &peer))
+    })
+    .join()
+    .map_err(|_| NetlinkError {
+        action: "configuring the node namespace".into(),
+        reason: "the thread panicked".into(),
+    })?
+}
+
+async fn configure_inside(link: &NodeLink, peer: &str) -> Result<(), NetlinkError> {
+    let handle = connect()?;
+    if let Some(lo) = index_of(&handle, "lo").await? {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(err("bringing lo up"))?;
+    }
+    let idx = match index_of(&handle, peer).await? {
+        Some(idx) => {
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .name("eth0".to_owned())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(err("renaming the node link to eth0"))?;
+            idx
+        }
+        None => index_of(&handle, "eth0")
+            .await?
+            .ok_or_else(|| NetlinkError {
+                action: format!("configuring {}", link.netns),
+                reason: "eth0 is missing".into(),
+            })?,
+    };
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(idx).mtu(link.mtu).up().build())
+        .execute()
+        .await
+        .map_err(err("bringing eth0 up"))?;
+    match handle
+        .address()
+        .add(idx, IpAddr::V4(link.address), link.prefix)
+        .execute()
+        .await
+    {
+        Ok(()) => {}
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+        Err(e) => return Err(err(format!("adding {}/{}", link.address, link.prefix))(e)),
+    }
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(link.gateway)
+        .build();
+    match handle.route().add(route).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => Ok(()),
+        Err(e) => Err(err(format!(
+            "adding the default route via {}",
+            link.gateway
+        ))(e)),
+    }
+}
+
+/// Sets the host side of a node's veth down or up (cutting or restoring its link).
+pub async fn set_link(handle: &Handle, veth: &str, up: bool) -> Result<(), NetlinkError> {
+    let idx = index_of(handle, veth).await?.ok_or_else(|| NetlinkError {
+        action: format!("setting {veth} {}", if up { "up" } else { "down" }),
+        reason: "no such link".into(),
+    })?;
+    let msg = if up {
+        LinkUnspec::new_with_index(idx).up().build()
+    } else {
+        LinkUnspec::new_with_index(idx).down().build()
+    };
+    handle.link().set(msg).execute().await.map_err(err(format!(
+        "setting {veth} {}",
+        if up { "up" } else { "down" }
+    )))
+}
+
+/// Deletes a link if it exists.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<(), NetlinkError> {
+    if let Some(idx) = index_of(handle, name).await? {
+        handle
+            .link()
+            .del(idx)
+            .execute()
+            .await
+            .map_err(err(format!("deleting {name}")))?;
+    }
+    Ok(())
+}
+
+/// Deletes a network namespace if it exists.
+pub async fn delete_netns(name: &str) -> Result<(), NetlinkError> {
+    if std::path::Path::new(&format!("/var/run/netns/{name}")).exists() {
+        NetworkNamespace::del(name.to_owned())
+            .await
+            .map_err(err(format!("deleting network namespace {name}")))?;
+    }
+    Ok(())
+}
+
+/// Names of links whose name starts with `prefix` (leak checks).
+pub async fn links_with_prefix(handle: &Handle, prefix: &str) -> Result<Vec<String>, NetlinkError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let mut out = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(l) = links.try_next().await.map_err(err("listing links"))? {
+        for a in &l.attributes {
+            if let LinkAttribute::IfName(n) = a
+                && n.starts_with(prefix)
+            {
+                out.push(n.clone());
+            }
+        }
+    }
+    Ok(out)
+}

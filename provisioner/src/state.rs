@@ -1,0 +1,188 @@
+//! A cluster's state directory (`~/.kiln/clusters/<name>/`): `state.yaml` with everything
+//! `destroy` needs to undo a create (written before each object is created, so a create killed
+//! halfway leaves enough to clean up), per node `<node>.log`, `<node>.pid`, `<node>.sock` and
+//! `<node>/` (its volumes), per helper `<helper>.pid` and `<helper>.log`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// How nodes are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// As root: a bridge, one network namespace and veth pair per node.
+    Bridge,
+    /// Without root: every node on its own 127.x address.
+    Loopback,
+}
+
+/// The cluster network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkState {
+    /// Bridge or loopback.
+    pub mode: NetworkMode,
+    /// The CIDR asked for.
+    pub cidr: String,
+    /// The gateway (load balancer) address.
+    pub gateway: IpAddr,
+    /// Bridge name (bridge mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// One node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Node name (also its host name).
+    pub name: String,
+    /// `controlplane` or `worker`.
+    pub role: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// Network namespace (bridge mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// Host side of its veth pair (bridge mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veth: Option<String>,
+    /// Its machine configuration file.
+    pub config: PathBuf,
+}
+
+/// A background helper (load balancer, node launcher).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelperState {
+    /// Helper name (`lb`, `cp-1-launcher`).
+    pub name: String,
+    /// What it is.
+    pub kind: String,
+}
+
+/// `state.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Cluster name.
+    pub name: String,
+    /// Provisioner name.
+    pub provisioner: String,
+    /// Network.
+    pub network: NetworkState,
+    /// Nodes, control plane first.
+    pub nodes: Vec<NodeState>,
+    /// Helpers started so far.
+    #[serde(default)]
+    pub helpers: Vec<HelperState>,
+    /// Control-plane endpoint.
+    pub endpoint: String,
+    /// Creation time (RFC 3339).
+    pub created: String,
+}
+
+/// Paths inside a state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Disk I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `state.yaml` is malformed.
+    #[error("{path}: not a kiln cluster state file: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        source: serde_yaml::Error,
+    },
+    /// No such cluster.
+    #[error(
+        "cluster {name:?} does not exist (no {path}); create it with `kiln cluster create --name {name}`"
+    )]
+    NotFound {
+        /// Cluster name.
+        name: String,
+        /// Where its state would be.
+        path: PathBuf,
+    },
+}
+
+impl StateDir {
+    /// The state directory of `name` under `base` (`~/.kiln/clusters` by default).
+    pub fn new(base: &Path, name: &str) -> Self {
+        Self {
+            dir: base.join(name),
+        }
+    }
+
+    /// `state.yaml`.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.yaml")
+    }
+    /// A helper's or node's pid file.
+    pub fn pidfile(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pid"))
+    }
+    /// A helper's or node's log.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+    /// A node launcher's control socket.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+    /// A node's root directory.
+    pub fn node_root(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Reads `state.yaml`.
+    pub fn load(&self) -> Result<ClusterState, StateError> {
+        let path = self.state_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let name = self
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Err(StateError::NotFound { name, path });
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_yaml::from_str(&text).map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// Writes `state.yaml` atomically.
+    pub fn save(&self, state: &ClusterState) -> Result<(), StateError> {
+        let path = self.state_file();
+        let text = serde_yaml::to_string(state).map_err(|source| StateError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        kiln_config::client::write_private(&path, text.as_bytes())
+            .map_err(|source| StateError::Io { path, source })
+    }
+}
+
+/// The default base directory: `~/.kiln/clusters`.
+pub fn default_base() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("HOME is not set; pass --state DIR"))?;
+    Ok(PathBuf::from(home).join(".kiln").join("clusters"))
+}
