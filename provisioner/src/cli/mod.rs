@@ -5,6 +5,7 @@ mod completion;
 mod config;
 mod connect;
 mod generate;
+mod lb;
 mod machine;
 mod validate;
 
@@ -96,6 +97,9 @@ pub enum Command {
     /// Run machined (the node launcher starts process nodes this way).
     #[command(hide = true)]
     Machined(kiln_machined::entry::Args),
+    /// Run or query the lab's load balancer (`kiln cluster create` starts it on the gateway).
+    #[command(subcommand, hide = true)]
+    Lb(lb::LbCommand),
 }
 
 /// Runs a parsed command line.
@@ -111,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Machined(args) => Ok(ExitCode::from(
             u8::try_from(kiln_machined::entry::run(args)).unwrap_or(1),
         )),
+        Command::Lb(cmd) => lb::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Machine(cmd) => block_on(machine::run(cmd, &cli.global)),
     }
 }
