@@ -492,7 +492,7 @@ struct ShowCluster {
     network: crate::state::NetworkState,
     endpoint: String,
     nodes: Vec<ShowNode>,
-    load_balancer: Option<serde_json::Value>,
+    load_balancer: Option<kiln_lb::Snapshot>,
     helpers: Vec<ShowHelper>,
 }
 
