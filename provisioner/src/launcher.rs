@@ -94,9 +94,10 @@ impl Launcher {
             .arg("--address")
             .arg(self.node.address.to_string())
             .arg("--hostname")
-            .arg(&self.node.name)
-            .arg("--config")
-            .arg(&self.node.config);
+            .arg(&self.node.name);
+        if self.node.inject_config {
+            cmd.arg("--config").arg(&self.node.config);
+        }
         for p in &self.peers {
             cmd.arg("--join-peer").arg(p);
         }

@@ -1,22 +1,23 @@
-//! The `kiln` front door: the command line, output formatting and, in later parts, the
-//! provisioners, the cluster state directory and the node launchers.
+//! The Kiln lab: provisioners (one trait, `process` first), the cluster state directory, the
+//! network (bridge and namespaces as root, loopback otherwise), node launchers, the load
+//! balancer helper and cluster health.
 //!
 //! # Design
 //!
-//! `main.rs` only parses arguments and maps errors to an exit code; each command group lives
-//! in its own module under [`cli`] and calls into the libraries (`kiln-config`, `kiln-pki`)
-//! that hold the logic, so the same code serves `kiln`, `machined` and the tests.
+//! `kiln cluster create` ([`create::create`]) reserves addresses, generates PKI and
+//! configurations, and hands the rest to a [`provision::Provisioner`]; every background helper
+//! is the `kiln` binary started again with a hidden subcommand ([`daemon`]), with its pid file
+//! and log in the state directory ([`state`]).
 //!
 //! # Limitations
 //!
-//! Only configuration commands exist so far: `gen`, `validate`, `config`, `completion`, `docs`.
+//! Only the `process` provisioner exists so far; IPv4 only.
 
-pub mod cli;
+pub mod create;
 pub mod daemon;
 pub mod health;
 pub mod launcher;
 pub mod lb_helper;
-pub mod logging;
 pub mod network;
 pub mod output;
 pub mod progress;

@@ -51,6 +51,13 @@ pub struct NodeState {
     pub veth: Option<String>,
     /// Its machine configuration file.
     pub config: PathBuf,
+    /// Whether the node boots with it (else it waits in maintenance mode).
+    #[serde(default = "yes")]
+    pub inject_config: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A background helper (load balancer, node launcher).

@@ -28,6 +28,8 @@ pub struct NodeRequest {
     pub address: IpAddr,
     /// Its machine configuration document.
     pub config: String,
+    /// Whether the node boots with it (else it waits in maintenance mode).
+    pub inject_config: bool,
 }
 
 /// What to create.

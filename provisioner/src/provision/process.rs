@@ -62,6 +62,7 @@ impl Provisioner for ProcessProvisioner {
                     netns: bridge_mode.then(|| network::netns_name(&n.name)),
                     veth: bridge_mode.then(|| network::veth_name(&req.name, i)),
                     config: dir.dir.join(format!("{}.yaml", n.name)),
+                    inject_config: n.inject_config,
                 })
                 .collect(),
             helpers: Vec::new(),

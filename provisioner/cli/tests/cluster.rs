@@ -152,8 +152,8 @@ fn assert_no_leaks(env: &Env, name: &str) {
                 .unwrap_or_default(),
         )
         .into_owned();
-        let bridge = kiln::network::bridge_name(name);
-        let veth = kiln::network::veth_name(name, 0);
+        let bridge = kiln_provisioner::network::bridge_name(name);
+        let veth = kiln_provisioner::network::veth_name(name, 0);
         let veth_prefix = veth.trim_end_matches("n0");
         assert!(
             !links.contains(&format!(": {bridge}:")),

@@ -8,7 +8,7 @@ use clap::Args;
 use kiln_config::{Mode, Problem};
 use serde::Serialize;
 
-use crate::output::{self, OutputFormat};
+use kiln_provisioner::output::{self, OutputFormat};
 
 /// `kiln validate --config FILE`.
 #[derive(Debug, Args)]

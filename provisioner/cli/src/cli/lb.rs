@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use kiln_lb::{Snapshot, control, daemon};
 
-use crate::output::{self, OutputFormat};
+use kiln_provisioner::output::{self, OutputFormat};
 
 /// Load balancer helper commands.
 #[derive(Debug, Subcommand)]

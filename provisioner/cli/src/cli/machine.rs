@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::GlobalArgs;
 use super::connect::{Api, NodeErrors, node_name, status_error};
-use crate::output::{self, OutputFormat};
+use kiln_provisioner::output::{self, OutputFormat};
 
 /// Commands that talk to nodes.
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@ use kiln_config::ClientConfig;
 use serde::Serialize;
 
 use super::GlobalArgs;
-use crate::output::{self, OutputFormat};
+use kiln_provisioner::output::{self, OutputFormat};
 
 /// `kiln config ...`.
 #[derive(Debug, Subcommand)]

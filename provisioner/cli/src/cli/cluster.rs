@@ -1,21 +1,22 @@
 //! `kiln cluster create|destroy|show|node` and `kiln health`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
-use kiln_config::{ClientConfig, GenerateInput, MachineType, Patch};
+use kiln_config::{ClientConfig, Patch};
 use kiln_os_api::pb;
 use serde::Serialize;
 
 use super::GlobalArgs;
-use crate::health::{self, Topology};
-use crate::network;
-use crate::output::{self, OutputFormat};
-use crate::progress::Progress;
-use crate::provision::{self, CreateRequest, NodeRequest, PowerAction};
-use crate::state::{ClusterState, NetworkMode, StateDir};
+use kiln_provisioner::create::CreateOptions;
+use kiln_provisioner::health;
+
+use kiln_provisioner::output::{self, OutputFormat};
+use kiln_provisioner::progress::Progress;
+use kiln_provisioner::provision::{self, PowerAction};
+use kiln_provisioner::state::{ClusterState, NetworkMode, StateDir};
 
 /// `kiln cluster ...`.
 #[derive(Debug, Subcommand)]
@@ -121,6 +122,11 @@ pub struct CreateArgs {
     /// Do not bootstrap etcd (nodes wait in Preparing).
     #[arg(long)]
     skip_bootstrap: bool,
+    /// Workers boot without a configuration and wait in maintenance mode for
+    /// `kiln apply-config --insecure` (their configuration is `<node>.yaml` in the state
+    /// directory).
+    #[arg(long)]
+    maintenance_workers: bool,
     /// Client config to merge the cluster's context into (default: the global one).
     #[arg(long, value_name = "PATH")]
     kilnconfig_destination: Option<PathBuf>,
@@ -153,21 +159,6 @@ pub struct HealthArgs {
     wait_timeout: Duration,
 }
 
-fn topology(state: &ClusterState) -> Topology {
-    let pick = |role: &str| {
-        state
-            .nodes
-            .iter()
-            .filter(|n| n.role == role)
-            .map(|n| (n.address.to_string(), n.name.clone()))
-            .collect()
-    };
-    Topology {
-        control_plane: pick("controlplane"),
-        workers: pick("worker"),
-    }
-}
-
 /// Runs a cluster command.
 pub async fn run(cmd: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     match cmd {
@@ -178,7 +169,7 @@ pub async fn run(cmd: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()>
             if let Err(e) = &state
                 && dir.dir.exists()
                 && !force
-                && !matches!(e, crate::state::StateError::NotFound { .. })
+                && !matches!(e, kiln_provisioner::state::StateError::NotFound { .. })
             {
                 bail!("{e}; pass --force to remove what can be found anyway");
             }
@@ -227,43 +218,12 @@ pub async fn run(cmd: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()>
             Ok(())
         }
         ClusterCommand::LaunchNode { state_dir, node } => {
-            crate::launcher::run(state_dir, node).await
+            kiln_provisioner::launcher::run(state_dir, node).await
         }
     }
 }
 
 async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
-    if args.controlplanes == 0 {
-        bail!("--controlplanes must be at least 1");
-    }
-    let name = args.target.name.clone();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        bail!("invalid cluster name {name:?}: use letters, digits and '-'");
-    }
-    let provisioner = provision::by_name(&args.provisioner)?;
-    let base = provision::state_base(args.target.state.clone())?;
-    let dir = StateDir::new(&base, &name);
-    if dir.dir.exists() {
-        bail!(
-            "cluster {name:?} already exists ({}); destroy it first with `kiln cluster destroy --name {name}`",
-            dir.dir.display()
-        );
-    }
-    let progress = Progress::new();
-    let count = args.controlplanes + args.workers;
-
-    progress.phase("validating CIDR and reserving IPs");
-    let mode = if nix::unistd::Uid::effective().is_root() {
-        NetworkMode::Bridge
-    } else {
-        NetworkMode::Loopback
-    };
-    let plan = network::plan(&args.cidr, count, mode, &base, &name)?;
-    let endpoint = format!("https://{}:6443", plan.gateway);
-
-    progress.phase("generating PKI and tokens");
-    let secrets = kiln_pki::SecretsBundle::generate()?;
     let load = |list: &[String]| -> anyhow::Result<Vec<Patch>> {
         list.iter().map(|p| Ok(Patch::load(p)?)).collect()
     };
@@ -271,138 +231,25 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     if args.with_debug {
         patches.push(Patch::parse("debug: true", "--with-debug")?);
     }
-    let generated = kiln_config::generate(&GenerateInput {
-        cluster_name: &name,
-        endpoint: &endpoint,
-        secrets: &secrets,
-        install_disk: kiln_config::generate::DEFAULT_INSTALL_DISK,
-        install_image: kiln_config::generate::DEFAULT_INSTALLER_IMAGE,
-        patches: &patches,
-        control_plane_patches: &load(&args.config_patch_control_plane)?,
-        worker_patches: &load(&args.config_patch_worker)?,
-    })?;
-    let mut nodes = Vec::new();
-    for i in 0..count {
-        let (role, base_cfg, n) = if i < args.controlplanes {
-            ("controlplane", &generated.controlplane, i + 1)
-        } else {
-            ("worker", &generated.worker, i - args.controlplanes + 1)
-        };
-        let node_name = format!(
-            "{name}-{}-{n}",
-            if role == "controlplane" {
-                "controlplane"
-            } else {
-                "worker"
-            }
-        );
-        let hostname = Patch::parse(
-            &format!("machine: {{network: {{hostname: {node_name}}}}}"),
-            "hostname",
-        )?;
-        let cfg = kiln_config::patch::apply(base_cfg, &[hostname])?;
-        nodes.push(NodeRequest {
-            name: node_name,
-            role: role.to_owned(),
-            address: plan.nodes[i],
-            config: kiln_config::to_yaml(&cfg)?,
-        });
-    }
-    let mut client_for_state = generated.client.clone();
-    if let Some(ctx) = client_for_state.contexts.get_mut(&name) {
-        ctx.endpoints = vec![plan.gateway.to_string()];
-        ctx.nodes = vec![plan.nodes[0].to_string()];
-    }
-    let files = vec![
-        ("secrets.yaml".to_owned(), secrets.to_yaml()?),
-        (
-            "kilnconfig".to_owned(),
-            serde_yaml::to_string(&client_for_state)?,
-        ),
-    ];
-    let request = CreateRequest {
-        name: name.clone(),
-        dir: dir.clone(),
-        plan: plan.clone(),
+    let opts = CreateOptions {
+        provisioner: args.provisioner.clone(),
+        name: args.target.name.clone(),
+        state_base: provision::state_base(args.target.state.clone())?,
+        controlplanes: args.controlplanes,
+        workers: args.workers,
+        cidr: args.cidr.clone(),
         mtu: args.mtu,
-        nodes,
-        endpoint: endpoint.clone(),
-        files,
+        patches,
+        control_plane_patches: load(&args.config_patch_control_plane)?,
+        worker_patches: load(&args.config_patch_worker)?,
+        wait: args.wait,
+        wait_timeout: args.wait_timeout,
+        skip_bootstrap: args.skip_bootstrap,
+        maintenance_workers: args.maintenance_workers,
     };
-    let result = async {
-        let state = provisioner.create(&request, &progress).await?;
-        let topo = topology(&state);
-        let gateway = plan.gateway.to_string();
-        let creds = {
-            let ca = secrets.os_ca()?;
-            let admin = ca.issue(&kiln_pki::LeafRequest::client(
-                "admin",
-                kiln_pki::ROLE_ADMIN,
-            ))?;
-            kiln_os_api::client::Credentials {
-                ca_pem: ca.cert_pem().to_owned(),
-                cert_pem: admin.cert_pem,
-                key_pem: admin.key_pem,
-            }
-        };
-
-        progress.phase("waiting for API");
-        let mut client =
-            connect_when_ready(&gateway, &creds, Instant::now() + args.wait_timeout).await?;
-        let first_cp = topo.control_plane[0].0.clone();
-        if !args.skip_bootstrap {
-            progress.phase("bootstrapping cluster");
-            let deadline = Instant::now() + args.wait_timeout;
-            loop {
-                let req = kiln_os_api::client::request(
-                    pb::BootstrapRequest::default(),
-                    std::slice::from_ref(&first_cp),
-                );
-                match client.bootstrap(req).await {
-                    Ok(r)
-                        if r.get_ref()
-                            .messages
-                            .iter()
-                            .all(|m| m.metadata.as_ref().is_none_or(|m| m.error.is_empty())) =>
-                    {
-                        break;
-                    }
-                    Ok(r) => {
-                        let e = r
-                            .into_inner()
-                            .messages
-                            .into_iter()
-                            .filter_map(|m| m.metadata)
-                            .map(|m| m.error)
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        if Instant::now() > deadline {
-                            bail!("bootstrap: {e}");
-                        }
-                    }
-                    Err(s) if Instant::now() > deadline => bail!("bootstrap: {}", s.message()),
-                    Err(_) => {}
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            if args.wait {
-                health::check(&mut client, &topo, args.wait_timeout, &progress).await?;
-            }
-        }
-        anyhow::Ok(state)
-    }
-    .await;
-    let state = match result {
-        Ok(s) => s,
-        Err(e) => {
-            progress.failed();
-            return Err(e.context(format!(
-                "creating cluster {name} failed; its state is kept in {} for inspection, remove it with `kiln cluster destroy --name {name}`",
-                dir.dir.display()
-            )));
-        }
-    };
-
+    let progress = Progress::new();
+    let created = kiln_provisioner::create::create(&opts, &progress).await?;
+    let name = &opts.name;
     let destination = match &args.kilnconfig_destination {
         Some(p) => p.clone(),
         None => global.kilnconfig_path()?,
@@ -412,36 +259,17 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         destination.display().to_string()
     ));
     let mut client_cfg = ClientConfig::load(&destination)?;
-    let ours = client_for_state;
     // A context of the same name from an earlier cluster is replaced, not kept as name-1.
-    client_cfg.contexts.remove(&name);
-    client_cfg.merge(&ours);
+    client_cfg.contexts.remove(name.as_str());
+    client_cfg.merge(&created.client);
     client_cfg.save(&destination)?;
     progress.done();
     eprintln!(
         "cluster {name} is ready in {:.1}s",
-        started.elapsed().as_secs_f64()
+        created.elapsed.as_secs_f64()
     );
-    print_nodes(&state);
+    print_nodes(&created.state);
     Ok(())
-}
-
-async fn connect_when_ready(
-    endpoint: &str,
-    creds: &kiln_os_api::client::Credentials,
-    deadline: Instant,
-) -> anyhow::Result<
-    kiln_os_api::pb::machine_service_client::MachineServiceClient<tonic::transport::Channel>,
-> {
-    loop {
-        match kiln_os_api::client::connect(endpoint, creds).await {
-            Ok(ch) => return Ok(kiln_os_api::client::machine_client(ch)),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).context("the API did not come up");
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
 }
 
 fn print_nodes(state: &ClusterState) {
@@ -489,7 +317,7 @@ struct ShowHelper {
 struct ShowCluster {
     name: String,
     provisioner: String,
-    network: crate::state::NetworkState,
+    network: kiln_provisioner::state::NetworkState,
     endpoint: String,
     nodes: Vec<ShowNode>,
     load_balancer: Option<kiln_lb::Snapshot>,
@@ -547,12 +375,12 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
                 .unwrap_or_default(),
         });
     }
-    let marker = crate::daemon::marker(&dir.dir);
+    let marker = kiln_provisioner::daemon::marker(&dir.dir);
     let helpers = state
         .helpers
         .iter()
         .map(|h| {
-            let pid = crate::daemon::running_pid(&dir.pidfile(&h.name), &marker);
+            let pid = kiln_provisioner::daemon::running_pid(&dir.pidfile(&h.name), &marker);
             ShowHelper {
                 name: h.name.clone(),
                 kind: h.kind.clone(),
@@ -561,7 +389,7 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
             }
         })
         .collect();
-    let load_balancer = crate::lb_helper::status(&dir).await.ok();
+    let load_balancer = kiln_provisioner::lb_helper::status(&dir).await.ok();
     let out = ShowCluster {
         name: state.name.clone(),
         provisioner: state.provisioner.clone(),
@@ -596,7 +424,7 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
         );
         if let Some(lb) = &c.load_balancer {
             s += "\n";
-            s += &crate::lb_helper::table(lb);
+            s += &kiln_provisioner::lb_helper::table(lb);
         }
         let rows: Vec<Vec<String>> = c
             .helpers
@@ -636,10 +464,9 @@ pub async fn health(args: HealthArgs, global: &GlobalArgs) -> anyhow::Result<()>
         ..global.clone()
     })
     .await?;
-    let _ = MachineType::Controlplane;
     health::check(
         &mut api.client,
-        &topology(&state),
+        &kiln_provisioner::create::topology(&state),
         args.wait_timeout,
         &Progress::new(),
     )
