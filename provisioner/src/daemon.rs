@@ -10,10 +10,19 @@ use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The `kiln` binary helpers are started from: `$KILN_BIN`, or the running binary (test
+/// harnesses that are not `kiln` themselves set `KILN_BIN`).
+pub fn kiln_binary() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("KILN_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe().context("locating the kiln binary"),
+    }
+}
+
 /// Starts `kiln ARGS...` in the background; stdout and stderr go to `log`, its pid to `pidfile`.
 pub fn spawn(args: &[String], log: &Path, pidfile: &Path) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt as _;
-    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let exe = kiln_binary()?;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

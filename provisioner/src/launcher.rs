@@ -82,7 +82,7 @@ struct Launcher {
 impl Launcher {
     fn spawn(&mut self) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt as _;
-        let exe = std::env::current_exe()?;
+        let exe = crate::daemon::kiln_binary()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

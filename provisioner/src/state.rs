@@ -147,9 +147,22 @@ impl StateDir {
     pub fn log(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
     }
-    /// A node launcher's control socket.
+    /// A node launcher's or helper's control socket: `<name>.sock` in the state directory,
+    /// or, when that path is too long for a Unix socket (108 bytes), a name derived from it in
+    /// the temporary directory.
     pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.sock"))
+        let path = self.dir.join(format!("{name}.sock"));
+        if path.as_os_str().len() < 100 {
+            return path;
+        }
+        let hash = path
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+            });
+        std::env::temp_dir().join(format!("kiln-{hash:016x}.sock"))
     }
     /// A node's root directory.
     pub fn node_root(&self, name: &str) -> PathBuf {
@@ -192,4 +205,30 @@ pub fn default_base() -> anyhow::Result<PathBuf> {
         .filter(|h| !h.is_empty())
         .ok_or_else(|| anyhow::anyhow!("HOME is not set; pass --state DIR"))?;
     Ok(PathBuf::from(home).join(".kiln").join("clusters"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_socket_paths_move_to_the_temporary_directory() {
+        let short = StateDir::new(Path::new("/tmp/k"), "c");
+        assert_eq!(short.socket("n"), Path::new("/tmp/k/c/n.sock"));
+        let long = StateDir::new(
+            Path::new("/tmp/a-rather-long-directory-name-for-state"),
+            "etcd-disaster-recovery-raw-copy",
+        );
+        let sock = long.socket("etcd-disaster-recovery-raw-copy-controlplane-1");
+        assert!(sock.as_os_str().len() < 100, "{}", sock.display());
+        assert_eq!(
+            sock,
+            long.socket("etcd-disaster-recovery-raw-copy-controlplane-1"),
+            "the same path every time"
+        );
+        assert_ne!(
+            sock,
+            long.socket("etcd-disaster-recovery-raw-copy-controlplane-2")
+        );
+    }
 }

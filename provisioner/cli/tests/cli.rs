@@ -208,8 +208,8 @@ fn kubeadm_migration_carries_the_existing_cas() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../os/pki/tests/data/make-kubeadm-pki.sh");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../os/pki/tests/data/make-kubeadm-pki.sh");
     assert!(
         Command::new(script)
             .arg(d.join("pki"))

@@ -255,6 +255,13 @@ impl Provisioner for ProcessProvisioner {
                 }
             }
         }
+        // Sockets that live outside the state directory (long paths) go too.
+        if let Some(state) = &state {
+            for n in &state.nodes {
+                let _ = std::fs::remove_file(dir.socket(&n.name));
+            }
+        }
+        let _ = std::fs::remove_file(dir.socket(crate::lb_helper::NAME));
         progress.phase(format!("removing state directory {}", dir.dir.display()));
         match std::fs::remove_dir_all(&dir.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

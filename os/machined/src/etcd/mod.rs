@@ -427,6 +427,11 @@ impl Service for EtcdService {
                 .await
                 .map_err(|e| e.to_string())?;
             let status = c.status().await.map_err(|e| e.to_string())?;
+            // Status answers locally even without quorum; no leader means the member cannot
+            // serve writes.
+            if status.leader() == 0 {
+                return Err("no leader: the member cannot reach a quorum of the cluster".to_owned());
+            }
             if status.errors().is_empty() {
                 Ok(())
             } else {

@@ -7,6 +7,7 @@ mod connect;
 mod generate;
 mod lb;
 mod machine;
+mod scenario;
 mod validate;
 
 use std::path::PathBuf;
@@ -91,6 +92,9 @@ pub enum Command {
     Cluster(cluster::ClusterCommand),
     /// Check that a cluster is healthy.
     Health(cluster::HealthArgs),
+    /// List and run scenarios (faults, operations and assertions on a real cluster).
+    #[command(subcommand)]
+    Scenario(scenario::ScenarioCommand),
     /// Commands that act on nodes through the OS API.
     #[command(flatten)]
     Machine(machine::MachineCommand),
@@ -112,6 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Docs(cmd) => completion::docs(cmd).map(|()| ExitCode::SUCCESS),
         Command::Cluster(cmd) => block_on(cluster::run(cmd, &cli.global)),
         Command::Health(args) => block_on(cluster::health(args, &cli.global)),
+        Command::Scenario(cmd) => block_on(scenario::run(cmd)),
         Command::Machined(args) => Ok(ExitCode::from(
             u8::try_from(kiln_machined::entry::run(args)).unwrap_or(1),
         )),

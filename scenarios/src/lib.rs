@@ -1,0 +1,31 @@
+//! Kiln scenarios: scripted faults, operations and assertions run against real clusters, as
+//! integration tests (`cargo test -p kiln-scenarios`) and from `kiln scenario run`.
+//!
+//! # Design
+//!
+//! - A [`Scenario`] is a named list of [`Step`]s; [`catalog()`] holds the built-in ones.
+//! - Steps act on a [`ClusterHandle`], which drives any provisioner through the
+//!   `Provisioner` trait (power, link faults) and the nodes through the OS API and etcd.
+//! - Data checks follow the Jepsen set rule ([`workload::Workload`]): every write etcd
+//!   acknowledged before the recovery point must be present afterwards; the report counts lost
+//!   and unexpected keys.
+//! - [`runner::run`] times each step, and on failure writes a crash dump (every node's console
+//!   log, service logs and events, `state.yaml`) into the artifacts directory, then destroys
+//!   the cluster unless asked to keep it. [`junit`] writes JUnit XML.
+//!
+//! # Limitations
+//!
+//! Only the `process` provisioner exists; `qemu` and `docker` scenarios report themselves as
+//! ignored. Cutting a node's link needs the bridge network, so `network-partition` needs root.
+
+pub mod catalog;
+pub mod cluster;
+pub mod junit;
+pub mod runner;
+pub mod step;
+pub mod workload;
+
+pub use catalog::{Scenario, catalog, find};
+pub use cluster::ClusterHandle;
+pub use runner::{Outcome, RunOptions, StepReport, run};
+pub use step::{NodeRef, Step};
