@@ -15,6 +15,7 @@ const NOBODY: u32 = 65534;
 struct Env {
     home: PathBuf,
     uid: Option<u32>,
+    bin: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -26,18 +27,28 @@ impl Env {
             .unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
+        let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
         if let Some(uid) = uid {
+            // The build directory may not be reachable for that user (a checkout under /root):
+            // run a copy of the binary from the test's own directory.
+            use std::os::unix::fs::PermissionsExt as _;
+            let copy = dir.path().join("kiln");
+            std::fs::copy(&bin, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            bin = copy;
             chown_r(dir.path(), uid);
         }
         Self {
             home,
             uid,
+            bin,
             _dir: dir,
         }
     }
 
     fn kiln(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .env("HOME", &self.home)
             .env_remove("KILNCONFIG")
@@ -258,25 +269,18 @@ fn create_unprivileged_ends_healthy_and_destroy_leaves_nothing() {
         return;
     }
     let env = if is_root() {
-        // Run the whole thing as `nobody`; the kiln binary must be reachable for that user.
-        let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
-        let reachable = Command::new(&exe)
-            .arg("--version")
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !reachable {
-            println!(
-                "skipped: the kiln binary at {} is not executable by uid {NOBODY}",
-                exe.display()
-            );
-            return;
-        }
         Env::new(Some(NOBODY))
     } else {
         Env::new(None)
     };
+    let probe = env.kiln(&["--version"]);
+    if !probe.status.success() {
+        println!(
+            "skipped: uid {NOBODY} cannot run kiln here: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        return;
+    }
     create_healthy_and_destroy(&env, "it-user", "10.78.0.0/24");
 }
 
