@@ -1,5 +1,5 @@
 //! Kiln scenarios: scripted faults, operations and assertions run against real clusters, as
-//! integration tests (`cargo test -p kiln-scenarios`) and from `kiln scenario run`.
+//! integration tests (`cargo test -p scenarios`) and from `kiln scenario run`.
 //!
 //! # Design
 //!
