@@ -81,23 +81,37 @@ pub async fn status(dir: &StateDir) -> anyhow::Result<Snapshot> {
     Ok(kiln_lb::control::status(&dir.socket(NAME)).await?)
 }
 
-/// Renders counters for `cluster show`.
+/// Renders load balancer counters (`kiln cluster show`, `kiln lb status`).
 pub fn table(s: &Snapshot) -> String {
     let rows: Vec<Vec<String>> = s
         .frontends
         .iter()
         .flat_map(|f| {
-            f.upstreams.iter().map(move |u| {
+            let head = vec![
+                f.name.clone(),
+                f.listen.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("{}/{}", f.connections_active, f.connections_total),
+                "-".into(),
+                "-".into(),
+                f.connections_failed.to_string(),
+            ];
+            std::iter::once(head).chain(f.upstreams.iter().map(|u| {
                 vec![
-                    f.name.clone(),
-                    f.listen.to_string(),
+                    String::new(),
+                    String::new(),
                     u.address.to_string(),
-                    format!("{:?}", u.health).to_lowercase(),
-                    u.connections_total.to_string(),
-                    u.connections_active.to_string(),
-                    (u.connect_failures + u.check_failures).to_string(),
+                    u.health.to_string(),
+                    u.last_check_latency_us
+                        .map_or_else(|| "-".into(), |us| format!("{:.2}ms", us as f64 / 1000.0)),
+                    format!("{}/{}", u.connections_active, u.connections_total),
+                    u.bytes_to_upstream.to_string(),
+                    u.bytes_from_upstream.to_string(),
+                    format!("{}/{}", u.connect_failures, u.check_failures),
                 ]
-            })
+            }))
         })
         .collect();
     output::table(
@@ -106,8 +120,10 @@ pub fn table(s: &Snapshot) -> String {
             "LISTEN",
             "UPSTREAM",
             "HEALTH",
-            "CONNECTIONS",
-            "ACTIVE",
+            "LATENCY",
+            "CONNS",
+            "BYTES-TO",
+            "BYTES-FROM",
             "FAILURES",
         ],
         &rows,

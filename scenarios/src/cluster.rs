@@ -401,13 +401,7 @@ impl ClusterHandle {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let chunks: Vec<pb::DataChunk> = data
-            .chunks(1 << 20)
-            .map(|c| pb::DataChunk {
-                metadata: None,
-                bytes: c.to_vec(),
-            })
-            .collect();
+        let chunks = kiln_os_api::client::data_chunks(data);
         api.etcd_recover(request(
             futures::stream::iter(chunks),
             std::slice::from_ref(&addr),

@@ -218,6 +218,16 @@ pub async fn connect_insecure(endpoint_str: &str) -> Result<Channel, ConnectErro
     })
 }
 
+/// Splits an upload (a recovery snapshot) into 1 MiB messages.
+pub fn data_chunks(data: &[u8]) -> Vec<crate::pb::DataChunk> {
+    data.chunks(1 << 20)
+        .map(|c| crate::pb::DataChunk {
+            metadata: None,
+            bytes: c.to_vec(),
+        })
+        .collect()
+}
+
 /// Wraps `message` in a request aimed at `nodes` (forwarded by the endpoint node); no nodes
 /// means the endpoint node itself.
 pub fn request<T>(message: T, nodes: &[String]) -> tonic::Request<T> {

@@ -101,15 +101,8 @@ pub struct CreateArgs {
     /// MTU of the node links.
     #[arg(long, default_value_t = 1500)]
     mtu: u32,
-    /// Patch for every node's configuration (inline or @file; repeatable).
-    #[arg(long, value_name = "PATCH")]
-    config_patch: Vec<String>,
-    /// Patch for control-plane nodes.
-    #[arg(long, value_name = "PATCH")]
-    config_patch_control_plane: Vec<String>,
-    /// Patch for workers.
-    #[arg(long, value_name = "PATCH")]
-    config_patch_worker: Vec<String>,
+    #[command(flatten)]
+    patches: super::generate::PatchArgs,
     /// Set debug: true in the configurations.
     #[arg(long)]
     with_debug: bool,
@@ -117,7 +110,7 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     wait: bool,
     /// How long to wait for health.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = super::parse_duration)]
     wait_timeout: Duration,
     /// Do not bootstrap etcd (nodes wait in Preparing).
     #[arg(long)]
@@ -132,19 +125,6 @@ pub struct CreateArgs {
     kilnconfig_destination: Option<PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: write e.g. 90s or 5m"))?;
-    Ok(Duration::from_secs(match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("invalid duration unit in {s:?}: use s, m or h")),
-    }))
-}
-
 /// `kiln health`.
 #[derive(Debug, Args)]
 pub struct HealthArgs {
@@ -155,7 +135,7 @@ pub struct HealthArgs {
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
     /// How long to wait.
-    #[arg(long, default_value = "3m", value_parser = parse_duration)]
+    #[arg(long, default_value = "3m", value_parser = super::parse_duration)]
     wait_timeout: Duration,
 }
 
@@ -224,10 +204,7 @@ pub async fn run(cmd: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()>
 }
 
 async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let load = |list: &[String]| -> anyhow::Result<Vec<Patch>> {
-        list.iter().map(|p| Ok(Patch::load(p)?)).collect()
-    };
-    let mut patches = load(&args.config_patch)?;
+    let (mut patches, control_plane_patches, worker_patches) = args.patches.load()?;
     if args.with_debug {
         patches.push(Patch::parse("debug: true", "--with-debug")?);
     }
@@ -240,8 +217,8 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         cidr: args.cidr.clone(),
         mtu: args.mtu,
         patches,
-        control_plane_patches: load(&args.config_patch_control_plane)?,
-        worker_patches: load(&args.config_patch_worker)?,
+        control_plane_patches,
+        worker_patches,
         wait: args.wait,
         wait_timeout: args.wait_timeout,
         skip_bootstrap: args.skip_bootstrap,

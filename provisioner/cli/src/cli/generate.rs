@@ -8,6 +8,35 @@ use kiln_config::generate::{DEFAULT_INSTALL_DISK, DEFAULT_INSTALLER_IMAGE};
 use kiln_config::{GenerateInput, Patch, client::write_private};
 use kiln_pki::SecretsBundle;
 
+/// The configuration patch flags of `gen config` and `cluster create`.
+#[derive(Debug, clap::Args)]
+pub struct PatchArgs {
+    /// Patch for every configuration: inline YAML/JSON or @file; repeat to apply several in
+    /// order.
+    #[arg(long, value_name = "PATCH")]
+    config_patch: Vec<String>,
+    /// Patch for control-plane configurations only (applied after --config-patch).
+    #[arg(long, value_name = "PATCH")]
+    config_patch_control_plane: Vec<String>,
+    /// Patch for worker configurations only (applied after --config-patch).
+    #[arg(long, value_name = "PATCH")]
+    config_patch_worker: Vec<String>,
+}
+
+impl PatchArgs {
+    /// Reads every patch: (all, control plane, workers).
+    pub fn load(&self) -> anyhow::Result<(Vec<Patch>, Vec<Patch>, Vec<Patch>)> {
+        let load = |args: &[String]| -> anyhow::Result<Vec<Patch>> {
+            args.iter().map(|a| Ok(Patch::load(a)?)).collect()
+        };
+        Ok((
+            load(&self.config_patch)?,
+            load(&self.config_patch_control_plane)?,
+            load(&self.config_patch_worker)?,
+        ))
+    }
+}
+
 /// `kiln gen ...`.
 #[derive(Debug, Subcommand)]
 pub enum GenCommand {
@@ -37,16 +66,8 @@ pub enum GenCommand {
         /// Use this secrets bundle instead of generating a new one.
         #[arg(long, value_name = "FILE")]
         with_secrets: Option<PathBuf>,
-        /// Patch for both documents: inline YAML/JSON or @file; repeat to apply several in
-        /// order.
-        #[arg(long, value_name = "PATCH")]
-        config_patch: Vec<String>,
-        /// Patch for the control-plane document only (applied after --config-patch).
-        #[arg(long, value_name = "PATCH")]
-        config_patch_control_plane: Vec<String>,
-        /// Patch for the worker document only (applied after --config-patch).
-        #[arg(long, value_name = "PATCH")]
-        config_patch_worker: Vec<String>,
+        #[command(flatten)]
+        patches: PatchArgs,
         /// Disk to install to.
         #[arg(long, default_value = DEFAULT_INSTALL_DISK)]
         install_disk: String,
@@ -85,9 +106,7 @@ pub(super) fn run(cmd: GenCommand) -> anyhow::Result<()> {
             name,
             endpoint,
             with_secrets,
-            config_patch,
-            config_patch_control_plane,
-            config_patch_worker,
+            patches,
             install_disk,
             install_image,
             output,
@@ -95,12 +114,7 @@ pub(super) fn run(cmd: GenCommand) -> anyhow::Result<()> {
         } => {
             let files = ["controlplane.yaml", "worker.yaml", "kilnconfig"].map(|f| output.join(f));
             refuse_overwrite(&files, force)?;
-            let load = |args: &[String]| -> anyhow::Result<Vec<Patch>> {
-                args.iter().map(|a| Ok(Patch::load(a)?)).collect()
-            };
-            let patches = load(&config_patch)?;
-            let cp_patches = load(&config_patch_control_plane)?;
-            let worker_patches = load(&config_patch_worker)?;
+            let (patches, cp_patches, worker_patches) = patches.load()?;
             let secrets = match &with_secrets {
                 Some(path) => read_secrets(path)?,
                 None => {

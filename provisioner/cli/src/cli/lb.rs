@@ -128,49 +128,5 @@ impl Drop for Pidfile {
 /// One row per frontend (FAILURES: clients failed on every upstream), then one per upstream
 /// (FAILURES: failed client connects / failed checks).
 fn table(s: &Snapshot) -> String {
-    let rows: Vec<Vec<String>> = s
-        .frontends
-        .iter()
-        .flat_map(|f| {
-            let head = vec![
-                f.name.clone(),
-                f.listen.to_string(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                format!("{}/{}", f.connections_active, f.connections_total),
-                "-".into(),
-                "-".into(),
-                f.connections_failed.to_string(),
-            ];
-            std::iter::once(head).chain(f.upstreams.iter().map(|u| {
-                vec![
-                    String::new(),
-                    String::new(),
-                    u.address.to_string(),
-                    u.health.to_string(),
-                    u.last_check_latency_us
-                        .map_or_else(|| "-".into(), |us| format!("{:.2}ms", us as f64 / 1000.0)),
-                    format!("{}/{}", u.connections_active, u.connections_total),
-                    u.bytes_to_upstream.to_string(),
-                    u.bytes_from_upstream.to_string(),
-                    format!("{}/{}", u.connect_failures, u.check_failures),
-                ]
-            }))
-        })
-        .collect();
-    output::table(
-        &[
-            "FRONTEND",
-            "LISTEN",
-            "UPSTREAM",
-            "HEALTH",
-            "LATENCY",
-            "CONNS",
-            "BYTES-TO",
-            "BYTES-FROM",
-            "FAILURES",
-        ],
-        &rows,
-    )
+    kiln_provisioner::lb_helper::table(s)
 }

@@ -186,21 +186,8 @@ pub struct ApplyArgs {
     #[arg(long)]
     dry_run: bool,
     /// For --mode try: how long before the previous configuration returns (e.g. 30s, 2m).
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = super::parse_duration)]
     timeout: std::time::Duration,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: write e.g. 30s or 2m"))?;
-    Ok(std::time::Duration::from_secs(match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("invalid duration unit in {s:?}: use s, m or h")),
-    }))
 }
 
 /// `etcd ...`.
@@ -575,13 +562,7 @@ pub async fn run(cmd: MachineCommand, global: &GlobalArgs) -> anyhow::Result<()>
             if let Some(file) = &recover_from {
                 let data =
                     std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-                let chunks: Vec<pb::DataChunk> = data
-                    .chunks(1 << 20)
-                    .map(|c| pb::DataChunk {
-                        metadata: None,
-                        bytes: c.to_vec(),
-                    })
-                    .collect();
+                let chunks = kiln_os_api::client::data_chunks(&data);
                 let req = api.request_to(&node, futures::stream::iter(chunks));
                 let resp = api
                     .client

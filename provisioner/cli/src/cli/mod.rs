@@ -61,6 +61,20 @@ impl GlobalArgs {
     }
 }
 
+/// Parses `90s`, `5m`, `1h` (or plain seconds).
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: write e.g. 90s or 5m"))?;
+    Ok(std::time::Duration::from_secs(match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("invalid duration unit in {s:?}: use s, m or h")),
+    }))
+}
+
 fn block_on(
     fut: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<ExitCode> {
