@@ -3,6 +3,7 @@
 mod completion;
 mod config;
 mod generate;
+mod registry;
 mod validate;
 
 use std::path::PathBuf;
@@ -66,6 +67,9 @@ pub enum Command {
     /// Generate documentation (man pages) from the command definitions.
     #[command(subcommand)]
     Docs(completion::DocsCommand),
+    /// Run the OCI registry and pull-through mirror; move image archives in and out.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
 }
 
 /// Runs a parsed command line.
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config::run(cmd, &cli.global).map(|()| ExitCode::SUCCESS),
         Command::Completion(args) => completion::completion(&args).map(|()| ExitCode::SUCCESS),
         Command::Docs(cmd) => completion::docs(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Registry(cmd) => registry::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
 
