@@ -197,7 +197,8 @@ fn log_pull(
         reference,
         source = source.as_str(),
         upstream = upstream.unwrap_or("-"),
-        "pull {kind} {name}:{reference} {}",
+        "pull {kind} {name}{}{reference} {}",
+        if reference.starts_with("sha256:") { '@' } else { ':' },
         source.as_str()
     );
 }
