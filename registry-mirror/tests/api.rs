@@ -35,7 +35,12 @@ async fn push_blob(url: &str, name: &str, data: &[u8]) -> Digest {
     d
 }
 
-fn image_manifest(media_type: &str, config: &Digest, config_len: usize, layers: &[(Digest, usize)]) -> String {
+fn image_manifest(
+    media_type: &str,
+    config: &Digest,
+    config_len: usize,
+    layers: &[(Digest, usize)],
+) -> String {
     serde_json::json!({
         "schemaVersion": 2,
         "mediaType": media_type,
@@ -50,7 +55,10 @@ async fn base_endpoint_and_api_version() {
     let reg = TestRegistry::start(ApiConfig::default(), None).await;
     let resp = http().get(format!("{}/v2/", reg.url)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        resp.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
 }
 
 #[tokio::test]
@@ -59,7 +67,11 @@ async fn chunked_push_with_ranges_then_pull_with_headers_and_range() {
     let url = &reg.url;
     let data = bytes(1, 300_000);
     let d = Digest::of(&data);
-    let resp = http().post(format!("{url}/v2/app/blobs/uploads/")).send().await.unwrap();
+    let resp = http()
+        .post(format!("{url}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let loc = resp.headers()[LOCATION].to_str().unwrap().to_owned();
     assert!(resp.headers().contains_key("docker-upload-uuid"));
@@ -92,7 +104,11 @@ async fn chunked_push_with_ranges_then_pull_with_headers_and_range() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     // Not visible before the PUT.
-    let resp = http().head(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .head(format!("{url}/v2/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     // The last chunk travels with the PUT.
     let resp = http()
@@ -103,13 +119,27 @@ async fn chunked_push_with_ranges_then_pull_with_headers_and_range() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
-    assert_eq!(resp.headers()[LOCATION], format!("/v2/app/blobs/{d}").as_str());
+    assert_eq!(
+        resp.headers()[LOCATION],
+        format!("/v2/app/blobs/{d}").as_str()
+    );
 
-    let resp = http().head(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .head(format!("{url}/v2/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()[CONTENT_LENGTH], "300000");
     assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
-    let body = http().get(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap().bytes().await.unwrap();
+    let body = http()
+        .get(format!("{url}/v2/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&body[..], &data[..]);
     let resp = http()
         .get(format!("{url}/v2/app/blobs/{d}"))
@@ -128,7 +158,11 @@ async fn chunked_push_with_ranges_then_pull_with_headers_and_range() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     // Another repository does not see the blob until it is mounted.
-    let resp = http().get(format!("{url}/v2/other/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{url}/v2/other/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
     let resp = http()
@@ -137,19 +171,33 @@ async fn chunked_push_with_ranges_then_pull_with_headers_and_range() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let resp = http().head(format!("{url}/v2/other/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .head(format!("{url}/v2/other/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     // A mount from a repository without the blob starts an ordinary upload.
     let resp = http()
-        .post(format!("{url}/v2/third/blobs/uploads/?mount={d}&from=nothing"))
+        .post(format!(
+            "{url}/v2/third/blobs/uploads/?mount={d}&from=nothing"
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     // Delete unlinks.
-    let resp = http().delete(format!("{url}/v2/other/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .delete(format!("{url}/v2/other/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let resp = http().head(format!("{url}/v2/other/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .head(format!("{url}/v2/other/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -159,7 +207,11 @@ async fn connection_cut_mid_patch_leaves_nothing_visible_and_the_session_resumes
     let url = &reg.url;
     let data = bytes(2, 200_000);
     let d = Digest::of(&data);
-    let resp = http().post(format!("{url}/v2/app/blobs/uploads/")).send().await.unwrap();
+    let resp = http()
+        .post(format!("{url}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = resp.headers()[LOCATION].to_str().unwrap().to_owned();
     let resp = http()
         .patch(format!("{url}{loc}"))
@@ -194,12 +246,19 @@ async fn connection_cut_mid_patch_leaves_nothing_visible_and_the_session_resumes
     })
     .await;
     assert!(handled, "the broken PATCH was not handled");
-    assert_eq!(reg.count(|r| r.starts_with("done PATCH") && r.ends_with(" 400")), 1);
+    assert_eq!(
+        reg.count(|r| r.starts_with("done PATCH") && r.ends_with(" 400")),
+        1
+    );
     // The broken chunk is cut away: the session is back at 50000 bytes, nothing is visible.
     let r = http().get(format!("{url}{loc}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()[RANGE], "0-49999");
-    let resp = http().head(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap();
+    let resp = http()
+        .head(format!("{url}/v2/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert!(reg.registry.storage.blob_size(&d).await.is_none());
 
@@ -212,9 +271,20 @@ async fn connection_cut_mid_patch_leaves_nothing_visible_and_the_session_resumes
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let resp = http().put(format!("{url}{loc}?digest={d}")).send().await.unwrap();
+    let resp = http()
+        .put(format!("{url}{loc}?digest={d}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let body = http().get(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap().bytes().await.unwrap();
+    let body = http()
+        .get(format!("{url}/v2/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&body[..], &data[..]);
 }
 
@@ -224,7 +294,11 @@ async fn wrong_digest_at_put_is_rejected_and_the_session_removed() {
     let url = &reg.url;
     let data = bytes(3, 10_000);
     let claimed = Digest::of(b"something else");
-    let resp = http().post(format!("{url}/v2/app/blobs/uploads/")).send().await.unwrap();
+    let resp = http()
+        .post(format!("{url}/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let loc = resp.headers()[LOCATION].to_str().unwrap().to_owned();
     let resp = http()
         .put(format!("{url}{loc}?digest={claimed}"))
@@ -235,7 +309,11 @@ async fn wrong_digest_at_put_is_rejected_and_the_session_removed() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(resp).await, "DIGEST_INVALID");
     for d in [&claimed, &Digest::of(&data)] {
-        let resp = http().head(format!("{url}/v2/app/blobs/{d}")).send().await.unwrap();
+        let resp = http()
+            .head(format!("{url}/v2/app/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert!(reg.registry.storage.blob_size(d).await.is_none());
     }
@@ -283,8 +361,16 @@ async fn manifests_index_tags_catalog_and_deletes() {
     assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
 
     let mut digests = Vec::new();
-    for (i, (tag, mt)) in [("v1", OCI_MANIFEST), ("v2", DOCKER_MANIFEST), ("v3", OCI_MANIFEST)].iter().enumerate() {
-        let m = image_manifest(mt, &cd, config.len(), &[(ld.clone(), layer.len())]) + &" ".repeat(i);
+    for (i, (tag, mt)) in [
+        ("v1", OCI_MANIFEST),
+        ("v2", DOCKER_MANIFEST),
+        ("v3", OCI_MANIFEST),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m =
+            image_manifest(mt, &cd, config.len(), &[(ld.clone(), layer.len())]) + &" ".repeat(i);
         let resp = http()
             .put(format!("{url}/v2/lib/app/manifests/{tag}"))
             .header(CONTENT_TYPE, *mt)
@@ -295,12 +381,20 @@ async fn manifests_index_tags_catalog_and_deletes() {
         assert_eq!(resp.status(), StatusCode::CREATED);
         let d = Digest::of(m.as_bytes());
         assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
-        let resp = http().get(format!("{url}/v2/lib/app/manifests/{tag}")).send().await.unwrap();
+        let resp = http()
+            .get(format!("{url}/v2/lib/app/manifests/{tag}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.headers()[CONTENT_TYPE], *mt);
         assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
         assert_eq!(resp.headers()[CONTENT_LENGTH], m.len().to_string().as_str());
         assert_eq!(resp.text().await.unwrap(), m);
-        let resp = http().head(format!("{url}/v2/lib/app/manifests/{d}")).send().await.unwrap();
+        let resp = http()
+            .head(format!("{url}/v2/lib/app/manifests/{d}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()[CONTENT_TYPE], *mt);
         digests.push((d, m.len()));
@@ -331,31 +425,76 @@ async fn manifests_index_tags_catalog_and_deletes() {
     assert_eq!(error_code(resp).await, "DIGEST_INVALID");
 
     // Tags with pagination.
-    let resp = http().get(format!("{url}/v2/lib/app/tags/list?n=2")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{url}/v2/lib/app/tags/list?n=2"))
+        .send()
+        .await
+        .unwrap();
     let link = resp.headers()["link"].to_str().unwrap().to_owned();
     assert_eq!(link, "</v2/lib/app/tags/list?n=2&last=v2>; rel=\"next\"");
     let v: serde_json::Value = resp.json_value().await;
     assert_eq!(v["name"], "lib/app");
     assert_eq!(v["tags"], serde_json::json!(["v1", "v2"]));
-    let resp = http().get(format!("{url}/v2/lib/app/tags/list?n=2&last=v2")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{url}/v2/lib/app/tags/list?n=2&last=v2"))
+        .send()
+        .await
+        .unwrap();
     assert!(resp.headers().get("link").is_none());
     assert_eq!(resp.json_value().await["tags"], serde_json::json!(["v3"]));
     push_blob(url, "zzz", b"x").await;
-    let v = http().get(format!("{url}/v2/_catalog")).send().await.unwrap().json_value().await;
+    let v = http()
+        .get(format!("{url}/v2/_catalog"))
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
     assert_eq!(v["repositories"], serde_json::json!(["lib/app", "zzz"]));
-    let resp = http().get(format!("{url}/v2/_catalog?n=1")).send().await.unwrap();
-    assert!(resp.headers()["link"].to_str().unwrap().contains("last=lib%2Fapp"));
+    let resp = http()
+        .get(format!("{url}/v2/_catalog?n=1"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["link"]
+            .to_str()
+            .unwrap()
+            .contains("last=lib%2Fapp")
+    );
 
     // Delete a tag, then a manifest by digest (which drops its tags).
-    let resp = http().delete(format!("{url}/v2/lib/app/manifests/v3")).send().await.unwrap();
+    let resp = http()
+        .delete(format!("{url}/v2/lib/app/manifests/v3"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let resp = http().get(format!("{url}/v2/lib/app/manifests/v3")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{url}/v2/lib/app/manifests/v3"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
-    let resp = http().delete(format!("{url}/v2/lib/app/manifests/{}", digests[0].0)).send().await.unwrap();
+    let resp = http()
+        .delete(format!("{url}/v2/lib/app/manifests/{}", digests[0].0))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let v = http().get(format!("{url}/v2/lib/app/tags/list")).send().await.unwrap().json_value().await;
+    let v = http()
+        .get(format!("{url}/v2/lib/app/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
     assert_eq!(v["tags"], serde_json::json!(["v2"]));
-    let resp = http().get(format!("{url}/v2/nothing/tags/list")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{url}/v2/nothing/tags/list"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(resp).await, "NAME_UNKNOWN");
 }
 
@@ -379,7 +518,11 @@ async fn invalid_names_and_references_are_refused() {
     let status = tokio::task::spawn_blocking(move || {
         use std::io::Read as _;
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(s, "GET /v2/a/../../etc/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET /v2/a/../../etc/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -402,11 +545,26 @@ async fn basic_auth_and_read_only() {
     .await;
     let resp = http().get(format!("{}/v2/", reg.url)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert!(resp.headers()["www-authenticate"].to_str().unwrap().starts_with("Basic"));
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic")
+    );
     assert_eq!(error_code(resp).await, "UNAUTHORIZED");
-    let resp = http().get(format!("{}/v2/", reg.url)).basic_auth("kiln", Some("wrong")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{}/v2/", reg.url))
+        .basic_auth("kiln", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = http().get(format!("{}/v2/", reg.url)).basic_auth("kiln", Some("s3cret")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{}/v2/", reg.url))
+        .basic_auth("kiln", Some("s3cret"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 
     let ro = TestRegistry::start(
@@ -417,22 +575,37 @@ async fn basic_auth_and_read_only() {
         None,
     )
     .await;
-    let resp = http().post(format!("{}/v2/app/blobs/uploads/", ro.url)).send().await.unwrap();
+    let resp = http()
+        .post(format!("{}/v2/app/blobs/uploads/", ro.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(error_code(resp).await, "UNSUPPORTED");
-    let resp = http().delete(format!("{}/v2/app/manifests/v1", ro.url)).send().await.unwrap();
+    let resp = http()
+        .delete(format!("{}/v2/app/manifests/v1", ro.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
 
 #[tokio::test]
 async fn serves_https() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let tls = kiln_registry_mirror::server::tls_acceptor(&cert, &key).unwrap();
-    let reg = TestRegistry::start_at(&dir.path().join("root"), ApiConfig::default(), None, Some(tls)).await;
+    let reg = TestRegistry::start_at(
+        &dir.path().join("root"),
+        ApiConfig::default(),
+        None,
+        Some(tls),
+    )
+    .await;
     let client = reqwest::Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
@@ -446,10 +619,23 @@ async fn serves_https() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let body = client.get(format!("{}/v2/app/blobs/{d}", reg.url)).send().await.unwrap().text().await.unwrap();
+    let body = client
+        .get(format!("{}/v2/app/blobs/{d}", reg.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body, "over tls");
     // Plain HTTP to the TLS port does not get an answer.
-    assert!(http().get(format!("http://{}/v2/", reg.addr)).send().await.is_err());
+    assert!(
+        http()
+            .get(format!("http://{}/v2/", reg.addr))
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 trait JsonValue {

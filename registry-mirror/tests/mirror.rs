@@ -65,7 +65,10 @@ async fn concurrent_pulls_of_an_uncached_blob_fetch_it_once() {
     let (_, ld) = push_image(&upstream.url, "library/big", "v1", &layer).await;
     let mirror = TestRegistry::start(
         ApiConfig::default(),
-        Some(mirror_of(&[("docker.io", &upstream.url)], Duration::from_secs(3600))),
+        Some(mirror_of(
+            &[("docker.io", &upstream.url)],
+            Duration::from_secs(3600),
+        )),
     )
     .await;
     let mut tasks = Vec::new();
@@ -83,10 +86,23 @@ async fn concurrent_pulls_of_an_uncached_blob_fetch_it_once() {
         assert_eq!(Digest::of(&body), ld);
     }
     let blob_path = format!("GET /v2/library/big/blobs/{ld}");
-    assert_eq!(upstream.count(|r| r == blob_path), 1, "{:?}", upstream.requests.lock().unwrap());
+    assert_eq!(
+        upstream.count(|r| r == blob_path),
+        1,
+        "{:?}",
+        upstream.requests.lock().unwrap()
+    );
     let stats = &mirror.registry.mirror.as_ref().unwrap().stats;
-    assert_eq!(stats.upstream_blob_fetches.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(mirror.registry.storage.blob_size(&ld).await, Some(layer.len() as u64));
+    assert_eq!(
+        stats
+            .upstream_blob_fetches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        mirror.registry.storage.blob_size(&ld).await,
+        Some(layer.len() as u64)
+    );
 }
 
 #[tokio::test]
@@ -95,7 +111,11 @@ async fn cached_content_is_served_after_the_upstream_is_gone() {
     let layer = bytes(11, 100_000);
     let (md, ld) = push_image(&upstream.url, "library/app", "v1", &layer).await;
     // TTL zero: every tag request tries the upstream first.
-    let mirror = TestRegistry::start(ApiConfig::default(), Some(mirror_of(&[("docker.io", &upstream.url)], Duration::ZERO))).await;
+    let mirror = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(&[("docker.io", &upstream.url)], Duration::ZERO)),
+    )
+    .await;
     let pull = |path: String| {
         let url = format!("{}{path}", mirror.url);
         async move { http().get(url).send().await.unwrap() }
@@ -103,17 +123,36 @@ async fn cached_content_is_served_after_the_upstream_is_gone() {
     let resp = pull("/v2/library/app/manifests/v1".into()).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["docker-content-digest"], md.as_str());
-    assert_eq!(pull(format!("/v2/library/app/blobs/{ld}")).await.bytes().await.unwrap().len(), layer.len());
+    assert_eq!(
+        pull(format!("/v2/library/app/blobs/{ld}"))
+            .await
+            .bytes()
+            .await
+            .unwrap()
+            .len(),
+        layer.len()
+    );
 
     upstream.stop().await;
-    assert!(http().get(format!("{}/v2/", upstream.url)).send().await.is_err(), "upstream still answers");
+    assert!(
+        http()
+            .get(format!("{}/v2/", upstream.url))
+            .send()
+            .await
+            .is_err(),
+        "upstream still answers"
+    );
 
     let resp = pull("/v2/library/app/manifests/v1".into()).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["docker-content-digest"], md.as_str());
     let resp = pull(format!("/v2/library/app/manifests/{md}")).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let body = pull(format!("/v2/library/app/blobs/{ld}")).await.bytes().await.unwrap();
+    let body = pull(format!("/v2/library/app/blobs/{ld}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(Digest::of(&body), ld);
     // What was never cached fails with an upstream error, not a hang or a 404 lie.
     let resp = pull("/v2/library/other/manifests/v1".into()).await;
@@ -128,7 +167,10 @@ async fn ns_selects_the_upstream_and_pushed_images_come_first() {
     let (from_ghcr, ghcr_layer) = push_image(&ghcr.url, "org/app", "v1", b"ghcr layer").await;
     let mirror = TestRegistry::start(
         ApiConfig::default(),
-        Some(mirror_of(&[("docker.io", &docker.url), ("ghcr.io", &ghcr.url)], Duration::from_secs(3600))),
+        Some(mirror_of(
+            &[("docker.io", &docker.url), ("ghcr.io", &ghcr.url)],
+            Duration::from_secs(3600),
+        )),
     )
     .await;
     let digest_of = |q: &'static str| {
@@ -136,20 +178,30 @@ async fn ns_selects_the_upstream_and_pushed_images_come_first() {
         async move {
             let r = http().get(url).send().await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
-            r.headers()["docker-content-digest"].to_str().unwrap().to_owned()
+            r.headers()["docker-content-digest"]
+                .to_str()
+                .unwrap()
+                .to_owned()
         }
     };
     assert_eq!(digest_of("").await, from_docker.as_str());
     assert_eq!(digest_of("?ns=docker.io").await, from_docker.as_str());
     assert_eq!(digest_of("?ns=ghcr.io").await, from_ghcr.as_str());
     let r = http()
-        .get(format!("{}/v2/org/app/blobs/{ghcr_layer}?ns=ghcr.io", mirror.url))
+        .get(format!(
+            "{}/v2/org/app/blobs/{ghcr_layer}?ns=ghcr.io",
+            mirror.url
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"ghcr layer");
     // An ns= that no mirror serves finds only pushed content.
-    let r = http().get(format!("{}/v2/org/app/manifests/v1?ns=quay.io", mirror.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/v2/org/app/manifests/v1?ns=quay.io", mirror.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Once pushed directly (host stripped from the name), the pushed image wins everywhere.
     let (pushed, _) = push_image(&mirror.url, "org/app", "v1", b"pushed layer").await;
@@ -161,20 +213,50 @@ async fn ns_selects_the_upstream_and_pushed_images_come_first() {
 async fn tags_are_refreshed_after_the_ttl_and_digests_are_immutable() {
     let upstream = TestRegistry::start(ApiConfig::default(), None).await;
     let (old, _) = push_image(&upstream.url, "library/app", "v1", b"first").await;
-    let long = TestRegistry::start(ApiConfig::default(), Some(mirror_of(&[("docker.io", &upstream.url)], Duration::from_secs(3600)))).await;
-    let zero = TestRegistry::start(ApiConfig::default(), Some(mirror_of(&[("docker.io", &upstream.url)], Duration::ZERO))).await;
+    let long = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(
+            &[("docker.io", &upstream.url)],
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
+    let zero = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(&[("docker.io", &upstream.url)], Duration::ZERO)),
+    )
+    .await;
     let digest_at = |base: String| async move {
-        let r = http().get(format!("{base}/v2/library/app/manifests/v1")).send().await.unwrap();
-        r.headers()["docker-content-digest"].to_str().unwrap().to_owned()
+        let r = http()
+            .get(format!("{base}/v2/library/app/manifests/v1"))
+            .send()
+            .await
+            .unwrap();
+        r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_owned()
     };
     assert_eq!(digest_at(long.url.clone()).await, old.as_str());
     assert_eq!(digest_at(zero.url.clone()).await, old.as_str());
     let (new, _) = push_image(&upstream.url, "library/app", "v1", b"second").await;
-    assert_eq!(digest_at(long.url.clone()).await, old.as_str(), "fresh tag served from cache");
-    assert_eq!(digest_at(zero.url.clone()).await, new.as_str(), "expired tag refreshed");
+    assert_eq!(
+        digest_at(long.url.clone()).await,
+        old.as_str(),
+        "fresh tag served from cache"
+    );
+    assert_eq!(
+        digest_at(zero.url.clone()).await,
+        new.as_str(),
+        "expired tag refreshed"
+    );
     // By digest, the old manifest stays available from the cache.
     let before = upstream.count(|r| r.contains("/manifests/"));
-    let r = http().get(format!("{}/v2/library/app/manifests/{old}", long.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/v2/library/app/manifests/{old}", long.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(upstream.count(|r| r.contains("/manifests/")), before);
 }
@@ -193,7 +275,10 @@ async fn upstream_credentials_are_used() {
     let layer = b"private layer";
     let d = Digest::of(layer);
     let r = http()
-        .post(format!("{}/v2/private/app/blobs/uploads/?digest={d}", upstream.url))
+        .post(format!(
+            "{}/v2/private/app/blobs/uploads/?digest={d}",
+            upstream.url
+        ))
         .basic_auth("pull", Some("secret"))
         .body(layer.to_vec())
         .send()
@@ -201,12 +286,28 @@ async fn upstream_credentials_are_used() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut up = UpstreamConfig::parse(&format!("docker.io={}", upstream.url)).unwrap();
-    let without = TestRegistry::start(ApiConfig::default(), Some(Mirror::new(vec![up.clone()], None, Duration::ZERO).unwrap())).await;
+    let without = TestRegistry::start(
+        ApiConfig::default(),
+        Some(Mirror::new(vec![up.clone()], None, Duration::ZERO).unwrap()),
+    )
+    .await;
     up.credentials = Some(("pull".into(), "secret".into()));
-    let with = TestRegistry::start(ApiConfig::default(), Some(Mirror::new(vec![up], None, Duration::ZERO).unwrap())).await;
-    let r = http().get(format!("{}/v2/private/app/blobs/{d}", without.url)).send().await.unwrap();
+    let with = TestRegistry::start(
+        ApiConfig::default(),
+        Some(Mirror::new(vec![up], None, Duration::ZERO).unwrap()),
+    )
+    .await;
+    let r = http()
+        .get(format!("{}/v2/private/app/blobs/{d}", without.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
-    let r = http().get(format!("{}/v2/private/app/blobs/{d}", with.url)).send().await.unwrap();
+    let r = http()
+        .get(format!("{}/v2/private/app/blobs/{d}", with.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().as_ref(), layer);
 }
@@ -238,11 +339,26 @@ async fn the_request_log_says_hit_or_upstream() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let upstream = TestRegistry::start(ApiConfig::default(), None).await;
     let (_, ld) = push_image(&upstream.url, "library/app", "v1", b"layer").await;
-    let mirror = TestRegistry::start(ApiConfig::default(), Some(mirror_of(&[("docker.io", &upstream.url)], Duration::from_secs(3600)))).await;
+    let mirror = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(
+            &[("docker.io", &upstream.url)],
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
     for _ in 0..2 {
-        let r = http().get(format!("{}/v2/library/app/manifests/v1", mirror.url)).send().await.unwrap();
+        let r = http()
+            .get(format!("{}/v2/library/app/manifests/v1", mirror.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        let r = http().get(format!("{}/v2/library/app/blobs/{ld}", mirror.url)).send().await.unwrap();
+        let r = http()
+            .get(format!("{}/v2/library/app/blobs/{ld}", mirror.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.bytes().await.unwrap().as_ref(), b"layer");
     }
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
@@ -252,8 +368,20 @@ async fn the_request_log_says_hit_or_upstream() {
         .filter(|l| l.contains("pull ") && l.contains("upstream=\"docker.io\""))
         .collect();
     assert_eq!(pulls.len(), 4, "{log}");
-    assert!(pulls[0].contains("pull manifest library/app:v1 upstream"), "{log}");
-    assert!(pulls[1].contains(&format!("pull blob library/app@{ld} upstream")), "{log}");
-    assert!(pulls[2].contains("pull manifest library/app:v1 hit"), "{log}");
-    assert!(pulls[3].contains(&format!("pull blob library/app@{ld} hit")), "{log}");
+    assert!(
+        pulls[0].contains("pull manifest library/app:v1 upstream"),
+        "{log}"
+    );
+    assert!(
+        pulls[1].contains(&format!("pull blob library/app@{ld} upstream")),
+        "{log}"
+    );
+    assert!(
+        pulls[2].contains("pull manifest library/app:v1 hit"),
+        "{log}"
+    );
+    assert!(
+        pulls[3].contains(&format!("pull blob library/app@{ld} hit")),
+        "{log}"
+    );
 }

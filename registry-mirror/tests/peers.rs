@@ -66,8 +66,14 @@ fn build(dir: &Path, format: ImageFormat, seed: u64) -> anyhow::Result<(OciLayou
     let layers: Vec<Vec<(String, Vec<u8>)>> = (0..3)
         .map(|i| {
             vec![
-                (format!("layer{i}/data.bin"), bytes(seed * 10 + i, 200_000 + i as usize * 1000)),
-                (format!("layer{i}/hello.txt"), format!("hello from layer {i}\n").into_bytes()),
+                (
+                    format!("layer{i}/data.bin"),
+                    bytes(seed * 10 + i, 200_000 + i as usize * 1000),
+                ),
+                (
+                    format!("layer{i}/hello.txt"),
+                    format!("hello from layer {i}\n").into_bytes(),
+                ),
             ]
         })
         .collect();
@@ -94,7 +100,12 @@ fn layout_to_dir(layout: &OciLayout, digest: &Digest, out: &Path) -> anyhow::Res
 fn oci_index_digest(dir: &Path) -> anyhow::Result<String> {
     let layout = OciLayout::open(dir)?;
     let index = layout.index()?;
-    ensure!(index.len() == 1, "expected one image in {}, found {}", dir.display(), index.len());
+    ensure!(
+        index.len() == 1,
+        "expected one image in {}, found {}",
+        dir.display(),
+        index.len()
+    );
     Ok(index[0].digest.clone())
 }
 
@@ -104,7 +115,11 @@ async fn registry_digest(url: &str, name: &str, reference: &str) -> anyhow::Resu
         .header("Accept", kiln_registry_mirror::manifest::ACCEPT_ALL)
         .send()
         .await?;
-    ensure!(r.status().is_success(), "HEAD {name}:{reference}: {}", r.status());
+    ensure!(
+        r.status().is_success(),
+        "HEAD {name}:{reference}: {}",
+        r.status()
+    );
     Ok(r.headers()["docker-content-digest"].to_str()?.to_owned())
 }
 
@@ -121,40 +136,101 @@ async fn skopeo_copies_oci_and_docker_images_in_and_out() -> anyhow::Result<()> 
     // OCI format: in, out, identical digests for the manifest and every blob.
     let (src, digest) = build(&tmp.path().join("oci-src"), ImageFormat::Oci, 1)?;
     let src_ref = format!("oci:{}:v1", src.dir().display());
-    skopeo(&["copy", "--dest-tls-verify=false", "--preserve-digests", &src_ref, &format!("docker://{host}/kiln/oci:v1")]).await?;
-    assert_eq!(registry_digest(&reg.url, "kiln/oci", "v1").await?, digest.as_str());
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &src_ref,
+        &format!("docker://{host}/kiln/oci:v1"),
+    ])
+    .await?;
+    assert_eq!(
+        registry_digest(&reg.url, "kiln/oci", "v1").await?,
+        digest.as_str()
+    );
     let out = tmp.path().join("oci-out");
-    skopeo(&["copy", "--src-tls-verify=false", "--preserve-digests", &format!("docker://{host}/kiln/oci:v1"), &format!("oci:{}:v1", out.display())]).await?;
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{host}/kiln/oci:v1"),
+        &format!("oci:{}:v1", out.display()),
+    ])
+    .await?;
     assert_eq!(oci_index_digest(&out)?, digest.as_str());
     for entry in std::fs::read_dir(src.dir().join("blobs/sha256"))? {
         let name = entry?.file_name();
-        let copied = std::fs::read(out.join("blobs/sha256").join(&name)).context("blob missing after the round trip")?;
+        let copied = std::fs::read(out.join("blobs/sha256").join(&name))
+            .context("blob missing after the round trip")?;
         assert_eq!(Digest::of(&copied).hex(), name.to_string_lossy());
     }
-    let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{host}/kiln/oci:v1")]).await?;
+    let inspect = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{host}/kiln/oci:v1"),
+    ])
+    .await?;
     let inspect: serde_json::Value = serde_json::from_str(&inspect)?;
     assert_eq!(inspect["Layers"].as_array().map(Vec::len), Some(3));
 
     // Docker schema 2: an image built with Docker media types, in and out through `dir:`.
     let (dsrc, ddigest) = build(&tmp.path().join("docker-src"), ImageFormat::Docker, 2)?;
     let dsrc_ref = layout_to_dir(&dsrc, &ddigest, &tmp.path().join("docker-src-dir"))?;
-    skopeo(&["copy", "--dest-tls-verify=false", "--preserve-digests", &dsrc_ref, &format!("docker://{host}/kiln/docker:v1")]).await?;
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &dsrc_ref,
+        &format!("docker://{host}/kiln/docker:v1"),
+    ])
+    .await?;
     let pushed = registry_digest(&reg.url, "kiln/docker", "v1").await?;
     assert_eq!(pushed, ddigest.as_str());
     let r = reqwest::get(format!("{}/v2/kiln/docker/manifests/v1", reg.url)).await?;
-    assert_eq!(r.headers()["content-type"], kiln_registry_mirror::manifest::DOCKER_MANIFEST);
+    assert_eq!(
+        r.headers()["content-type"],
+        kiln_registry_mirror::manifest::DOCKER_MANIFEST
+    );
     let dout = tmp.path().join("docker-out");
-    skopeo(&["copy", "--src-tls-verify=false", "--preserve-digests", &format!("docker://{host}/kiln/docker:v1"), &format!("dir:{}", dout.display())]).await?;
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{host}/kiln/docker:v1"),
+        &format!("dir:{}", dout.display()),
+    ])
+    .await?;
     let manifest = std::fs::read(dout.join("manifest.json"))?;
     assert_eq!(Digest::of(&manifest).as_str(), pushed);
     // And back in again under another name, by way of the `dir:` copy: same digest.
-    skopeo(&["copy", "--dest-tls-verify=false", "--preserve-digests", &format!("dir:{}", dout.display()), &format!("docker://{host}/kiln/docker2:v1")]).await?;
-    assert_eq!(registry_digest(&reg.url, "kiln/docker2", "v1").await?, pushed);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &format!("dir:{}", dout.display()),
+        &format!("docker://{host}/kiln/docker2:v1"),
+    ])
+    .await?;
+    assert_eq!(
+        registry_digest(&reg.url, "kiln/docker2", "v1").await?,
+        pushed
+    );
 
     // Conversion OCI -> Docker by skopeo is accepted too (a new digest, as skopeo rewrites it).
-    skopeo(&["copy", "--dest-tls-verify=false", "--format", "v2s2", &src_ref, &format!("docker://{host}/kiln/converted:v1")]).await?;
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &src_ref,
+        &format!("docker://{host}/kiln/converted:v1"),
+    ])
+    .await?;
     let r = reqwest::get(format!("{}/v2/kiln/converted/manifests/v1", reg.url)).await?;
-    assert_eq!(r.headers()["content-type"], kiln_registry_mirror::manifest::DOCKER_MANIFEST);
+    assert_eq!(
+        r.headers()["content-type"],
+        kiln_registry_mirror::manifest::DOCKER_MANIFEST
+    );
 
     // Archives: what `export` writes, skopeo reads with the same digest; what skopeo writes
     // as an oci-archive, `push_archive` pushes with the same digest.
@@ -164,18 +240,44 @@ async fn skopeo_copies_oci_and_docker_images_in_and_out() -> anyhow::Result<()> 
     let exported = tmp.path().join("export.tar");
     let d = archive::export(&client, &name, &tag, &exported).await?;
     assert_eq!(d, digest);
-    let inspect = skopeo(&["inspect", "--raw", &format!("oci-archive:{}", exported.display())]).await?;
+    let inspect = skopeo(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", exported.display()),
+    ])
+    .await?;
     assert_eq!(Digest::of(inspect.as_bytes()), digest);
     let from_skopeo = tmp.path().join("skopeo.tar");
-    skopeo(&["copy", &dsrc_ref, &format!("oci-archive:{}:v1", from_skopeo.display())]).await?;
+    skopeo(&[
+        "copy",
+        &dsrc_ref,
+        &format!("oci-archive:{}:v1", from_skopeo.display()),
+    ])
+    .await?;
     // (skopeo rewrites the Docker manifest as OCI for an oci-archive; take its digest.)
-    let raw = skopeo(&["inspect", "--raw", &format!("oci-archive:{}", from_skopeo.display())]).await?;
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", from_skopeo.display()),
+    ])
+    .await?;
     let archived = Digest::of(raw.as_bytes());
-    let d = archive::push_archive(&client, &from_skopeo, &"kiln/from-archive".parse()?, &tag).await?;
+    let d =
+        archive::push_archive(&client, &from_skopeo, &"kiln/from-archive".parse()?, &tag).await?;
     assert_eq!(d, archived);
-    assert_eq!(registry_digest(&reg.url, "kiln/from-archive", "v1").await?, archived.as_str());
+    assert_eq!(
+        registry_digest(&reg.url, "kiln/from-archive", "v1").await?,
+        archived.as_str()
+    );
     let out = tmp.path().join("from-archive-out");
-    skopeo(&["copy", "--src-tls-verify=false", "--preserve-digests", &format!("docker://{host}/kiln/from-archive:v1"), &format!("oci:{}:v1", out.display())]).await?;
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{host}/kiln/from-archive:v1"),
+        &format!("oci:{}:v1", out.display()),
+    ])
+    .await?;
     assert_eq!(oci_index_digest(&out)?, archived.as_str());
     Ok(())
 }
@@ -195,11 +297,25 @@ async fn skopeo_copies_over_https() -> anyhow::Result<()> {
     std::fs::write(&cert, ck.cert.pem())?;
     std::fs::write(&key, ck.signing_key.serialize_pem())?;
     let tls = kiln_registry_mirror::server::tls_acceptor(&cert, &key)?;
-    let reg = TestRegistry::start_at(&tmp.path().join("root"), ApiConfig::default(), None, Some(tls)).await;
+    let reg = TestRegistry::start_at(
+        &tmp.path().join("root"),
+        ApiConfig::default(),
+        None,
+        Some(tls),
+    )
+    .await;
     let (src, digest) = build(&tmp.path().join("src"), ImageFormat::Oci, 3)?;
     let certs = certs.display().to_string();
     let dest = format!("docker://{}/kiln/tls:v1", reg.addr);
-    skopeo(&["copy", "--dest-cert-dir", &certs, "--preserve-digests", &format!("oci:{}:v1", src.dir().display()), &dest]).await?;
+    skopeo(&[
+        "copy",
+        "--dest-cert-dir",
+        &certs,
+        "--preserve-digests",
+        &format!("oci:{}:v1", src.dir().display()),
+        &dest,
+    ])
+    .await?;
     let raw = skopeo(&["inspect", "--raw", "--cert-dir", &certs, &dest]).await?;
     assert_eq!(Digest::of(raw.as_bytes()), digest);
     // Without the CA, skopeo refuses the certificate: TLS is really verified.
@@ -230,7 +346,9 @@ impl Daemon {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
         }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -251,13 +369,22 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !check().await {
-        ensure!(Instant::now() < deadline, "{what} did not become ready within {timeout:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not become ready within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
@@ -282,7 +409,9 @@ async fn start_docker_registry(dir: &Path) -> anyhow::Result<(Daemon, String)> {
     let url = format!("http://127.0.0.1:{port}");
     let probe = format!("{url}/v2/");
     wait_for("docker-registry", Duration::from_secs(30), async || {
-        reqwest::get(&probe).await.is_ok_and(|r| r.status().is_success())
+        reqwest::get(&probe)
+            .await
+            .is_ok_and(|r| r.status().is_success())
     })
     .await?;
     Ok((d, url))
@@ -297,7 +426,11 @@ async fn docker(sock: &str, args: &[&str]) -> anyhow::Result<String> {
     all.extend(args.iter().map(|s| s.to_string()));
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     // Debian's client matches Debian's engine; prefer it over any other `docker` on PATH.
-    let bin = if Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" };
+    let bin = if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    };
     run(bin, &all).await
 }
 
@@ -322,7 +455,14 @@ async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Resul
     let (src, src_digest) = build(&base.join("src"), ImageFormat::Docker, 4)?;
     let src_ref = layout_to_dir(&src, &src_digest, &base.join("src-dir"))?;
     let upstream_host = upstream_url.trim_start_matches("http://").to_owned();
-    skopeo(&["copy", "--dest-tls-verify=false", "--preserve-digests", &src_ref, &format!("docker://{upstream_host}/kilntest/hello:v1")]).await?;
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &src_ref,
+        &format!("docker://{upstream_host}/kilntest/hello:v1"),
+    ])
+    .await?;
     let upstream_digest = registry_digest(&upstream_url, "kilntest/hello", "v1").await?;
     assert_eq!(upstream_digest, src_digest.as_str());
 
@@ -332,12 +472,21 @@ async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Resul
         None,
         Duration::from_secs(3600),
     )?;
-    let reg = TestRegistry::start_at(&base.join("mirror"), ApiConfig::default(), Some(mirror), None).await;
+    let reg = TestRegistry::start_at(
+        &base.join("mirror"),
+        ApiConfig::default(),
+        Some(mirror),
+        None,
+    )
+    .await;
 
     // Docker Engine, started here, with registry-mirrors pointing at the mirror.
     let sock = base.join("docker.sock").display().to_string();
     let daemon_json = base.join("daemon.json");
-    std::fs::write(&daemon_json, serde_json::json!({ "registry-mirrors": [reg.url] }).to_string())?;
+    std::fs::write(
+        &daemon_json,
+        serde_json::json!({ "registry-mirrors": [reg.url] }).to_string(),
+    )?;
     let mut dockerd = Daemon::spawn(
         "dockerd",
         Command::new("dockerd").args([
@@ -358,38 +507,101 @@ async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Resul
         ]),
         &base.join("dockerd.log"),
     )?;
-    let ready = wait_for("dockerd", Duration::from_secs(60), async || docker(&sock, &["version"]).await.is_ok()).await;
+    let ready = wait_for("dockerd", Duration::from_secs(60), async || {
+        docker(&sock, &["version"]).await.is_ok()
+    })
+    .await;
     if let Err(e) = ready {
         let log = std::fs::read_to_string(base.join("dockerd.log")).unwrap_or_default();
         bail!("{e}\n--- dockerd.log ---\n{log}");
     }
-    let info = docker(&sock, &["info", "--format", "{{json .RegistryConfig.Mirrors}}"]).await?;
-    assert!(info.contains(&reg.url), "dockerd does not use the mirror: {info}");
+    let info = docker(
+        &sock,
+        &["info", "--format", "{{json .RegistryConfig.Mirrors}}"],
+    )
+    .await?;
+    assert!(
+        info.contains(&reg.url),
+        "dockerd does not use the mirror: {info}"
+    );
 
     // Cold pull: through the mirror, from the upstream.
     docker(&sock, &["pull", "kilntest/hello:v1"]).await?;
-    let digests = docker(&sock, &["image", "inspect", "--format", "{{json .RepoDigests}}", "kilntest/hello:v1"]).await?;
-    assert!(digests.contains(&upstream_digest), "{digests} lacks {upstream_digest}");
-    let stats = &reg.registry.mirror.as_ref().map(|m| &m.stats).context("mirror")?;
+    let digests = docker(
+        &sock,
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "kilntest/hello:v1",
+        ],
+    )
+    .await?;
+    assert!(
+        digests.contains(&upstream_digest),
+        "{digests} lacks {upstream_digest}"
+    );
+    let stats = &reg
+        .registry
+        .mirror
+        .as_ref()
+        .map(|m| &m.stats)
+        .context("mirror")?;
     let blob_fetches = stats.upstream_blob_fetches.load(Ordering::Relaxed);
-    assert_eq!(blob_fetches, 4, "three layers and a config come from the upstream once");
-    assert!(reg.count(|r| r.starts_with("GET /v2/library/kilntest/hello/manifests/") || r.starts_with("GET /v2/kilntest/hello/manifests/")) >= 1);
+    assert_eq!(
+        blob_fetches, 4,
+        "three layers and a config come from the upstream once"
+    );
+    assert!(
+        reg.count(
+            |r| r.starts_with("GET /v2/library/kilntest/hello/manifests/")
+                || r.starts_with("GET /v2/kilntest/hello/manifests/")
+        ) >= 1
+    );
 
     // Warm pull with the upstream gone: served from the cache.
     docker(&sock, &["rmi", "kilntest/hello:v1"]).await?;
     upstream.stop();
-    ensure!(reqwest::get(format!("{upstream_url}/v2/")).await.is_err(), "upstream still answers");
+    ensure!(
+        reqwest::get(format!("{upstream_url}/v2/")).await.is_err(),
+        "upstream still answers"
+    );
     docker(&sock, &["pull", "kilntest/hello:v1"]).await?;
-    assert_eq!(stats.upstream_blob_fetches.load(Ordering::Relaxed), blob_fetches);
-    let digests = docker(&sock, &["image", "inspect", "--format", "{{json .RepoDigests}}", "kilntest/hello:v1"]).await?;
+    assert_eq!(
+        stats.upstream_blob_fetches.load(Ordering::Relaxed),
+        blob_fetches
+    );
+    let digests = docker(
+        &sock,
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "kilntest/hello:v1",
+        ],
+    )
+    .await?;
     assert!(digests.contains(&upstream_digest), "{digests}");
     // The image's files are really there: export the image's filesystem and look.
     let saved = base.join("saved.tar");
-    docker(&sock, &["save", "-o", &saved.display().to_string(), "kilntest/hello:v1"]).await?;
-    ensure!(std::fs::metadata(&saved)?.len() > 600_000, "saved image is too small");
+    docker(
+        &sock,
+        &[
+            "save",
+            "-o",
+            &saved.display().to_string(),
+            "kilntest/hello:v1",
+        ],
+    )
+    .await?;
+    ensure!(
+        std::fs::metadata(&saved)?.len() > 600_000,
+        "saved image is too small"
+    );
 
     dockerd.stop();
     let _ = std::fs::remove_dir_all(base.join("data"));
     Ok(())
 }
-

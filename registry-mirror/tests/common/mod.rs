@@ -45,29 +45,38 @@ impl TestRegistry {
         });
         let requests = Arc::new(Mutex::new(Vec::new()));
         let rec = requests.clone();
-        let app: Router = kiln_registry_mirror::router(registry.clone()).layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let rec = rec.clone();
-                async move {
-                    let line = format!(
-                        "{} {}",
-                        req.method(),
-                        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
-                    );
-                    rec.lock().unwrap().push(line.clone());
-                    let resp = next.run(req).await;
-                    rec.lock().unwrap().push(format!("done {line} {}", resp.status().as_u16()));
-                    resp
-                }
-            },
-        ));
+        let app: Router =
+            kiln_registry_mirror::router(registry.clone()).layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let rec = rec.clone();
+                    async move {
+                        let line = format!(
+                            "{} {}",
+                            req.method(),
+                            req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
+                        );
+                        rec.lock().unwrap().push(line.clone());
+                        let resp = next.run(req).await;
+                        rec.lock()
+                            .unwrap()
+                            .push(format!("done {line} {}", resp.status().as_u16()));
+                        resp
+                    }
+                },
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(kiln_registry_mirror::server::serve(listener, tls, app, 256, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(kiln_registry_mirror::server::serve(
+            listener,
+            tls,
+            app,
+            256,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
             url: format!("{scheme}://{addr}"),
@@ -81,7 +90,12 @@ impl TestRegistry {
 
     /// How many requests matched `pred`.
     pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.requests.lock().unwrap().iter().filter(|r| pred(r)).count()
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| pred(r))
+            .count()
     }
 
     /// Stops the server and waits until it no longer accepts connections.
