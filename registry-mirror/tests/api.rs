@@ -1,6 +1,7 @@
 //! The distribution API over real HTTP: pushes (monolithic, chunked, resumed, broken), pulls
 //! with the right headers and ranges, manifests, tags, catalog, deletes, mounts, errors,
 //! basic auth, read-only mode and HTTPS.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The pull-through mirror against an upstream registry on loopback: single-flight fetches,
 //! serving from the cache after the upstream is gone, ns= selection, pushed images first,
 //! tag TTL, upstream credentials and the request log.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
 
 mod common;
 

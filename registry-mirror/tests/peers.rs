@@ -5,6 +5,7 @@
 //!
 //! Each test prints "skipped: <reason>" and returns when a peer is missing (or, for Docker,
 //! when not root); `scripts/install-deps` installs them.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
 
 mod common;
 

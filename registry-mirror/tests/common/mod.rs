@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: start a registry on 127.0.0.1:0 in a task,
 //! record the requests it receives, and poll a condition with a deadline.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
+#![allow(dead_code)] // each test crate uses part of the helpers
 
 use std::net::SocketAddr;
 use std::path::Path;
