@@ -7,6 +7,7 @@ mod connect;
 mod generate;
 mod lb;
 mod machine;
+mod registry;
 mod scenario;
 mod validate;
 
@@ -118,6 +119,9 @@ pub enum Command {
     /// Run or query the lab's load balancer (`kiln cluster create` starts it on the gateway).
     #[command(subcommand, hide = true)]
     Lb(lb::LbCommand),
+    /// Run the OCI registry and pull-through mirror; move image archives in and out.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
 }
 
 /// Runs a parsed command line.
@@ -136,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         )),
         Command::Lb(cmd) => lb::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Machine(cmd) => block_on(machine::run(cmd, &cli.global)),
+        Command::Registry(cmd) => registry::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
 
