@@ -297,6 +297,7 @@ impl Service for EtcdService {
                     candidates.join(", ")
                 )
             });
+            // Poll for a member to join through every 2 s; a bootstrap request wakes us at once.
             tokio::select! {
                 _ = bootstrap.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
