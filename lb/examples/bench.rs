@@ -3,7 +3,7 @@
 //! connection load when one backend is killed with SIGKILL.
 //!
 //! ```text
-//! cargo run --release -p kiln-lb --example bench
+//! cargo run --release -p kiln-lb --example lb-bench
 //! ```
 //!
 //! Backends and the kiln balancer run as child processes (this binary re-executed with

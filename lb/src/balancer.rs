@@ -348,6 +348,7 @@ async fn accept_loop<C: Connector>(
         match listener.accept().await {
             Ok((client, peer)) => {
                 backoff = Duration::from_millis(10);
+                let _ = client.set_nodelay(true);
                 tokio::spawn({
                     let shared = shared.clone();
                     let frontend = frontend.clone();

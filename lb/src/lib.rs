@@ -25,16 +25,22 @@
 //!   and counters.
 //! - **Health.** Every `health.intervalMs` each upstream gets a TCP connect with
 //!   `health.timeoutMs`; `rise` consecutive successes make it healthy, `fall` consecutive
-//!   failures unhealthy. A failed connect for a real client counts as one failure toward the
-//!   same `fall` threshold (passive marking): it does not mark the upstream down at once, so
-//!   one lost SYN does not evict a node, but under load a dead upstream is out after `fall`
-//!   client connects, usually well before the next check. New upstreams start
-//!   [`Health::Unknown`], which is chosen like healthy.
+//!   failures unhealthy. Passive marking: a connect for a real client that times out or finds
+//!   no route counts as one failure toward the same `fall` threshold (one lost SYN does not
+//!   evict a node); a refused connect, or a client connection that the upstream resets or
+//!   closes before sending its first byte, marks it down at once (nothing listens there any
+//!   more). New upstreams start [`Health::Unknown`], which is chosen like healthy.
 //! - **Choosing an upstream.** [`Frontend::plan`] orders every upstream for each client:
 //!   eligible upstreams within 2 × the best check latency + 5 ms in round robin, then slower
 //!   eligible ones by latency, then unhealthy ones as a last resort. The client connection
 //!   walks the plan, giving each connect `connectTimeoutMs`, until one answers; it fails only
 //!   when every upstream failed.
+//! - **Replay.** Until the upstream sends its first byte, the client's bytes are kept (at most
+//!   [`proxy::REPLAY_LIMIT`]). If the upstream resets or closes the connection before that
+//!   while the client is still sending, the client connection moves to the next upstream of
+//!   the plan and what it sent so far is written there again; the client notices nothing. The
+//!   upstream's first byte commits the connection: later failures reach the client. A client
+//!   that sent more than the limit is not replayed (its connection is closed).
 //! - **Serving.** [`Balancer::serve`] takes already-bound listeners and a shutdown future (the
 //!   mini-redis shape). A semaphore caps open client connections; each holds a permit. On
 //!   shutdown the accept loops stop, then the drain waits until it can take every permit (no
@@ -51,6 +57,12 @@
 //!
 //! - TCP only (no UDP, no TLS termination, no PROXY protocol); clients reach upstreams with the
 //!   balancer's source address.
+//! - A replayed client's first bytes reach two upstreams: the first may have acted on them
+//!   before it died. For TLS and HTTP request starts this is harmless; a protocol whose first
+//!   message is not idempotent should not sit behind it.
+//! - An upstream that closes a connection before answering while the client is still sending
+//!   (an idle timeout on a client that never spoke, say) is taken as failed and marked down
+//!   until its next `rise` checks.
 //! - Health checks are TCP connects only: an upstream that accepts but does not serve (a hung
 //!   API server) stays healthy.
 //! - A reload changes upstreams and settings, not the frontends: adding, removing or moving a

@@ -1,5 +1,6 @@
 //! Unit tests on tokio's paused clock: the health checker's rise / fall thresholds and timeouts,
-//! passive marking, and the retry-next-upstream rule, with a scripted [`Connector`].
+//! passive marking, the retry-next-upstream rule and the replay of a client's first bytes when
+//! an upstream fails before answering, with a scripted [`Connector`].
 
 use std::collections::HashMap;
 use std::io;
@@ -7,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::balancer::Balancer;
 use crate::config::{Config, FrontendConfig, HealthConfig};
 use crate::connector::Connector;
-use crate::proxy::{ConnectError, connect_upstream};
+use crate::proxy::{ConnectError, REPLAY_LIMIT, connect_upstream, handle};
 use crate::upstream::Health;
 use crate::{Frontend, health};
 
@@ -26,6 +28,8 @@ enum Answer {
     Refuse,
     /// Never answers, like a dropped SYN.
     Hang,
+    /// Accepts at once and hands the server's end of the connection to the test.
+    Serve,
 }
 
 /// A connector whose upstreams answer as scripted, and which logs every connect.
@@ -33,6 +37,7 @@ enum Answer {
 struct Scripted {
     answers: Mutex<HashMap<SocketAddr, Answer>>,
     connects: Mutex<Vec<SocketAddr>>,
+    served: Mutex<Option<mpsc::UnboundedSender<(SocketAddr, DuplexStream)>>>,
 }
 
 impl Scripted {
@@ -42,6 +47,13 @@ impl Scripted {
 
     fn connects(&self) -> Vec<SocketAddr> {
         self.connects.lock().unwrap().clone()
+    }
+
+    /// The server ends of connections to upstreams answering [`Answer::Serve`], in order.
+    fn serve(&self) -> mpsc::UnboundedReceiver<(SocketAddr, DuplexStream)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.served.lock().unwrap() = Some(tx);
+        rx
     }
 }
 
@@ -58,6 +70,13 @@ impl Connector for Scripted {
             }
             Answer::Refuse => Err(io::ErrorKind::ConnectionRefused.into()),
             Answer::Hang => std::future::pending().await,
+            Answer::Serve => {
+                let (ours, theirs) = tokio::io::duplex(256 * 1024);
+                if let Some(tx) = self.served.lock().unwrap().as_ref() {
+                    let _ = tx.send((addr, theirs));
+                }
+                Ok(ours)
+            }
         }
     }
 }
@@ -152,7 +171,7 @@ async fn refused_upstream_is_retried_on_the_next() {
     let start = Instant::now();
 
     // The round-robin cursor starts at a: a refuses, b times out, c serves the client.
-    let (up, _stream) = connect_upstream(&f, &connector, Duration::from_millis(300), 3)
+    let (up, _stream) = connect_upstream(&f, &connector, Duration::from_millis(300), 3, &[])
         .await
         .unwrap();
     assert_eq!(up.addr(), c);
@@ -179,13 +198,14 @@ async fn refused_upstream_is_retried_on_the_next() {
 async fn passive_failures_mark_down_after_fall_and_move_it_last() {
     let (a, c) = (addr(10), addr(11));
     let connector = Scripted::default();
-    connector.set(a, Answer::Refuse);
+    // No answer (a lost SYN, say) counts toward fall; a refusal would mark it down at once.
+    connector.set(a, Answer::Hang);
     connector.set(c, Answer::Accept(Duration::ZERO));
     let b = balancer(&[a, c], HEALTH);
     let f = frontend(&b);
     // fall = 2: clients keep being served by c; a goes down on its second failed connect.
     for _ in 0..4 {
-        let (up, _s) = connect_upstream(&f, &connector, Duration::from_millis(300), 2)
+        let (up, _s) = connect_upstream(&f, &connector, Duration::from_millis(300), 2, &[])
             .await
             .unwrap();
         assert_eq!(up.addr(), c);
@@ -199,6 +219,28 @@ async fn passive_failures_mark_down_after_fall_and_move_it_last() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refused_connect_marks_the_upstream_down_at_once() {
+    let (a, c) = (addr(10), addr(11));
+    let connector = Scripted::default();
+    connector.set(a, Answer::Refuse);
+    connector.set(c, Answer::Accept(Duration::ZERO));
+    let b = balancer(&[a, c], HEALTH);
+    let f = frontend(&b);
+    // fall = 3, yet one refusal is enough: nothing listens there.
+    let (up, _s) = connect_upstream(&f, &connector, Duration::from_millis(300), 3, &[])
+        .await
+        .unwrap();
+    assert_eq!(up.addr(), c);
+    assert_eq!(f.upstreams()[0].health_state().health, Health::Unhealthy);
+    for _ in 0..3 {
+        connect_upstream(&f, &connector, Duration::from_millis(300), 3, &[])
+            .await
+            .unwrap();
+    }
+    assert_eq!(connector.connects(), [a, c, c, c, c]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn client_fails_only_when_every_upstream_fails() {
     let (a, c) = (addr(10), addr(11));
     let connector = Scripted::default();
@@ -206,7 +248,7 @@ async fn client_fails_only_when_every_upstream_fails() {
     connector.set(c, Answer::Hang);
     let b = balancer(&[a, c], HEALTH);
     let f = frontend(&b);
-    let err = connect_upstream(&f, &connector, Duration::from_millis(300), 3)
+    let err = connect_upstream(&f, &connector, Duration::from_millis(300), 3, &[])
         .await
         .unwrap_err();
     match &err {
@@ -219,8 +261,143 @@ async fn client_fails_only_when_every_upstream_fails() {
     assert!(err.to_string().contains("every upstream failed"));
 
     b.set_upstreams("k8s", &[]).unwrap();
-    let err = connect_upstream(&f, &connector, Duration::from_millis(300), 3)
+    let err = connect_upstream(&f, &connector, Duration::from_millis(300), 3, &[])
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectError::NoUpstreams { .. }));
+}
+
+/// Starts one client connection through the balancer; returns the client's end.
+fn client_through(b: &Balancer, connector: &Arc<Scripted>) -> (DuplexStream, watch::Sender<bool>) {
+    let (client, ours) = tokio::io::duplex(256 * 1024);
+    let (close_tx, close_rx) = watch::channel(false);
+    tokio::spawn(handle(
+        b.shared_for_tests(),
+        frontend(b),
+        connector.clone(),
+        ours,
+        addr(9999),
+        close_rx,
+    ));
+    (client, close_tx)
+}
+
+async fn read_n(s: &mut DuplexStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).await.unwrap();
+    buf
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_failing_before_answering_is_replaced_and_the_client_bytes_replayed() {
+    let (a, c) = (addr(10), addr(11));
+    let connector = Arc::new(Scripted::default());
+    for u in [a, c] {
+        connector.set(u, Answer::Serve);
+    }
+    let mut served = connector.serve();
+    let b = balancer(&[a, c], HEALTH);
+    let (mut client, _close) = client_through(&b, &connector);
+
+    // The client speaks first; a receives it and dies without answering (reset or close).
+    client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let (first, mut up_a) = served.recv().await.unwrap();
+    assert_eq!(first, a);
+    assert_eq!(read_n(&mut up_a, 16).await, b"GET / HTTP/1.1\r\n");
+    drop(up_a);
+
+    // The next upstream gets the same bytes again, then whatever the client sends next.
+    let (second, mut up_c) = served.recv().await.unwrap();
+    assert_eq!(second, c);
+    assert_eq!(read_n(&mut up_c, 16).await, b"GET / HTTP/1.1\r\n");
+    client.write_all(b"Host: x\r\n").await.unwrap();
+    assert_eq!(read_n(&mut up_c, 9).await, b"Host: x\r\n");
+    // a is down at once (fall is 3), c is not.
+    let ups = frontend(&b).upstreams();
+    assert_eq!(ups[0].health_state().health, Health::Unhealthy);
+    assert_eq!(ups[0].snapshot().early_failures, 1);
+    assert_eq!(ups[1].health_state().health, Health::Unknown);
+
+    // c answers: the connection is committed to it. When c goes away now, the client sees the
+    // end of the stream and nothing is replayed.
+    up_c.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+    assert_eq!(read_n(&mut client, 17).await, b"HTTP/1.1 200 OK\r\n");
+    drop(up_c);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(connector.connects(), [a, c]);
+    assert_eq!(ups[1].health_state().health, Health::Unknown);
+    assert_eq!(frontend(&b).snapshot().connections_failed, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_sent_more_than_the_replay_limit_is_not_replayed() {
+    let (a, c) = (addr(10), addr(11));
+    let connector = Arc::new(Scripted::default());
+    connector.set(a, Answer::Serve);
+    connector.set(c, Answer::Serve);
+    let mut served = connector.serve();
+    let b = balancer(&[a, c], HEALTH);
+    let (mut client, _close) = client_through(&b, &connector);
+
+    let big = vec![7u8; REPLAY_LIMIT + 1];
+    client.write_all(&big).await.unwrap();
+    let (first, mut up_a) = served.recv().await.unwrap();
+    assert_eq!(first, a);
+    assert_eq!(read_n(&mut up_a, big.len()).await, big);
+    drop(up_a);
+
+    // No second upstream: the client's connection ends instead.
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
+    assert_eq!(connector.connects(), [a]);
+    let f = frontend(&b);
+    assert_eq!(f.snapshot().connections_failed, 1);
+    assert_eq!(f.upstreams()[0].health_state().health, Health::Unhealthy);
+
+    // At the limit exactly, the replay still happens.
+    let (mut client, _close) = client_through(&b, &connector);
+    let fits = vec![8u8; REPLAY_LIMIT];
+    client.write_all(&fits).await.unwrap();
+    // a is down now, so c is first; make c fail and a (last resort) take the replay.
+    let (first, mut up_c) = served.recv().await.unwrap();
+    assert_eq!(first, c);
+    assert_eq!(read_n(&mut up_c, fits.len()).await, fits);
+    drop(up_c);
+    let (second, mut up_a) = served.recv().await.unwrap();
+    assert_eq!(second, a);
+    assert_eq!(read_n(&mut up_a, fits.len()).await, fits);
+    up_a.write_all(b"ok").await.unwrap();
+    assert_eq!(read_n(&mut client, 2).await, b"ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_closing_after_the_client_finished_is_an_answer() {
+    // The client sends and closes its side; the upstream closes without a byte: that is the
+    // upstream's (empty) answer, not a failure, so nothing is replayed.
+    let (a, c) = (addr(10), addr(11));
+    let connector = Arc::new(Scripted::default());
+    connector.set(a, Answer::Serve);
+    connector.set(c, Answer::Serve);
+    let mut served = connector.serve();
+    let b = balancer(&[a, c], HEALTH);
+    let (mut client, _close) = client_through(&b, &connector);
+    client.write_all(b"bye").await.unwrap();
+    client.shutdown().await.unwrap();
+    let (first, mut up_a) = served.recv().await.unwrap();
+    assert_eq!(first, a);
+    let mut got = Vec::new();
+    up_a.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"bye");
+    drop(up_a);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(connector.connects(), [a]);
+    assert_eq!(
+        frontend(&b).upstreams()[0].health_state().health,
+        Health::Unknown
+    );
 }

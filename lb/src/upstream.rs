@@ -103,6 +103,7 @@ pub struct Upstream {
     pub(crate) bytes_from_upstream: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
     pub(crate) check_failures: AtomicU64,
+    pub(crate) early_failures: AtomicU64,
 }
 
 impl Upstream {
@@ -117,6 +118,7 @@ impl Upstream {
             bytes_from_upstream: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
+            early_failures: AtomicU64::new(0),
         }
     }
 
@@ -168,6 +170,19 @@ impl Upstream {
         }
     }
 
+    /// Records that a client connection to it was reset or closed before it sent a byte
+    /// (passive marking): that is no lost SYN but a server going away, so it is marked down at
+    /// once, whatever `fall` says. The active checks bring it back after `rise` successes.
+    pub fn failed_before_answering(&self, error: String) {
+        self.early_failures.fetch_add(1, Ordering::Relaxed);
+        let changed = self
+            .lock()
+            .failure(format!("closed before answering: {error}"), 1);
+        if let Some(h) = changed {
+            tracing::warn!(upstream = %self.addr, %error, "upstream is now {h} (a client connection failed before it answered)");
+        }
+    }
+
     /// A point-in-time copy of the counters.
     pub fn snapshot(&self) -> UpstreamSnapshot {
         let s = self.health_state();
@@ -184,6 +199,7 @@ impl Upstream {
             bytes_from_upstream: self.bytes_from_upstream.load(Ordering::Relaxed),
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
             check_failures: self.check_failures.load(Ordering::Relaxed),
+            early_failures: self.early_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -212,6 +228,10 @@ pub struct UpstreamSnapshot {
     pub connect_failures: u64,
     /// Failed active health checks.
     pub check_failures: u64,
+    /// Client connections it reset or closed before answering (each was replayed on another
+    /// upstream when the client had sent at most the replay limit).
+    #[serde(default)]
+    pub early_failures: u64,
 }
 
 #[cfg(test)]

@@ -20,12 +20,7 @@ pub const K8S_PORT: u16 = 6443;
 
 /// The load balancer configuration of a cluster.
 pub fn config(state: &ClusterState) -> Config {
-    let cps: Vec<std::net::IpAddr> = state
-        .nodes
-        .iter()
-        .filter(|n| n.role == "controlplane")
-        .map(|n| n.address)
-        .collect();
+    let cps: Vec<std::net::IpAddr> = state.control_plane().map(|n| n.address).collect();
     let frontend = |name: &str, port: u16| FrontendConfig {
         name: name.to_owned(),
         listen: SocketAddr::new(state.network.gateway, port),

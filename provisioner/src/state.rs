@@ -1,11 +1,17 @@
 //! A cluster's state directory (`~/.kiln/clusters/<name>/`): `state.yaml` with everything
 //! `destroy` needs to undo a create (written before each object is created, so a create killed
-//! halfway leaves enough to clean up), per node `<node>.log`, `<node>.pid`, `<node>.sock` and
-//! `<node>/` (its volumes), per helper `<helper>.pid` and `<helper>.log`.
+//! halfway leaves enough to clean up), per node `<node>.log` (its console), `<node>.pid`,
+//! `<node>.sock` and `<node>/` (its volumes), per helper `<helper>.pid` and `<helper>.log`.
+//!
+//! Everything the cluster owns is found by identity from here: processes by pid file (pid and
+//! start time, [`crate::daemon`]), links and namespaces by the names in `state.yaml` and the
+//! [`StateDir::owner_mark`] they carry; never by a substring of a path or a name prefix.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use kiln_config::MachineType;
 use serde::{Deserialize, Serialize};
 
 /// How nodes are networked.
@@ -27,11 +33,20 @@ pub struct NetworkState {
     pub cidr: String,
     /// The gateway (load balancer) address.
     pub gateway: IpAddr,
-    /// Bridge name (bridge mode).
+    /// The Linux bridge the lab made for the cluster (bridge mode), marked as the cluster's
+    /// with an interface alias ([`StateDir::owner_mark`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
     /// MTU.
     pub mtu: u32,
+    /// Rules the lab added to the host firewall so the bridge's traffic passes; `destroy`
+    /// removes exactly these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firewall: Vec<crate::firewall::Rule>,
+    /// Air-gapped (`cluster create --airgapped`): nodes get no default route, only the cluster
+    /// network; names and egress go through the lab DNS and proxy on the gateway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub airgapped: bool,
 }
 
 /// One node.
@@ -39,21 +54,40 @@ pub struct NetworkState {
 pub struct NodeState {
     /// Node name (also its host name).
     pub name: String,
-    /// `controlplane` or `worker`.
-    pub role: String,
+    /// Control plane or worker: the configuration's machine type.
+    pub role: MachineType,
     /// Its address.
     pub address: IpAddr,
-    /// Network namespace (bridge mode).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
-    /// Host side of its veth pair (bridge mode).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub veth: Option<String>,
     /// Its machine configuration file.
     pub config: PathBuf,
     /// Whether the node boots with it (else it waits in maintenance mode).
     #[serde(default = "yes")]
     pub inject_config: bool,
+    /// What the provisioner made for this node, under the provisioner's name (for `process`:
+    /// the network namespace and the host side of the veth pair). Only the provisioner reads it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provider: BTreeMap<String, serde_yaml::Value>,
+}
+
+impl NodeState {
+    /// Whether the node is a control-plane node.
+    pub fn is_control_plane(&self) -> bool {
+        self.role == MachineType::Controlplane
+    }
+
+    /// The provisioner's section `name` of this node, if present and readable.
+    pub fn provider_state<T: serde::de::DeserializeOwned>(&self, name: &str) -> Option<T> {
+        self.provider
+            .get(name)
+            .and_then(|v| serde_yaml::from_value(v.clone()).ok())
+    }
+
+    /// Sets the provisioner's section `name` of this node.
+    pub fn set_provider_state<T: Serialize>(&mut self, name: &str, value: &T) {
+        if let Ok(v) = serde_yaml::to_value(value) {
+            self.provider.insert(name.to_owned(), v);
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -63,7 +97,7 @@ fn yes() -> bool {
 /// A background helper (load balancer, node launcher).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HelperState {
-    /// Helper name (`lb`, `cp-1-launcher`).
+    /// Helper name (`lb`, `cp-1-launcher`): its pid file is `<name>.pid`.
     pub name: String,
     /// What it is.
     pub kind: String,
@@ -87,6 +121,18 @@ pub struct ClusterState {
     pub endpoint: String,
     /// Creation time (RFC 3339).
     pub created: String,
+}
+
+impl ClusterState {
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Control-plane nodes, in order.
+    pub fn control_plane(&self) -> impl Iterator<Item = &NodeState> {
+        self.nodes.iter().filter(|n| n.is_control_plane())
+    }
 }
 
 /// Paths inside a state directory.
@@ -128,11 +174,37 @@ pub enum StateError {
 }
 
 impl StateDir {
-    /// The state directory of `name` under `base` (`~/.kiln/clusters` by default).
+    /// The state directory of `name` under `base` (`~/.kiln/clusters` by default). A relative
+    /// base is made absolute, so helpers and marks name the same directory from anywhere.
     pub fn new(base: &Path, name: &str) -> Self {
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         Self {
             dir: base.join(name),
         }
+    }
+
+    /// The cluster's name (the directory's last component).
+    pub fn cluster(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// A short identity of this cluster instance (a hash of its state directory): two clusters
+    /// with the same name under different `--state` directories differ in it. Link names use
+    /// it, so they never collide.
+    pub fn id(&self) -> String {
+        format!(
+            "{:08x}",
+            fnv(self.dir.as_os_str().as_encoded_bytes()) as u32
+        )
+    }
+
+    /// The mark on every link and firewall rule the cluster owns: `kiln:<id>:<name>`. An
+    /// object is removed only when it carries this exact mark.
+    pub fn owner_mark(&self) -> String {
+        format!("kiln:{}:{}", self.id(), self.cluster())
     }
 
     /// `state.yaml`.
@@ -155,13 +227,7 @@ impl StateDir {
         if path.as_os_str().len() < 100 {
             return path;
         }
-        let hash = path
-            .as_os_str()
-            .as_encoded_bytes()
-            .iter()
-            .fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-            });
+        let hash = fnv(path.as_os_str().as_encoded_bytes());
         std::env::temp_dir().join(format!("kiln-{hash:016x}.sock"))
     }
     /// A node's root directory.
@@ -175,12 +241,10 @@ impl StateDir {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let name = self
-                    .dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                return Err(StateError::NotFound { name, path });
+                return Err(StateError::NotFound {
+                    name: self.cluster(),
+                    path,
+                });
             }
             Err(source) => return Err(StateError::Io { path, source }),
         };
@@ -197,6 +261,13 @@ impl StateDir {
         kiln_config::client::write_private(&path, text.as_bytes())
             .map_err(|source| StateError::Io { path, source })
     }
+}
+
+/// FNV-1a: short, stable names from paths.
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// The default base directory: `~/.kiln/clusters`.

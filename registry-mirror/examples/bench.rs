@@ -1,11 +1,18 @@
 //! Benchmark (not a test): blob pull throughput of this registry and of Debian's
 //! `docker-registry` side by side, one large blob and many small blobs with 16 concurrent
 //! clients, then the cold and warm pull time of an image through the mirror (upstream:
-//! `docker-registry`, or this registry when `docker-registry` is not installed).
+//! `docker-registry`, or this registry when `docker-registry` is not installed), with the
+//! phases of each cold blob fetch.
 //!
-//! Run: `cargo run --release -p kiln-registry-mirror --example bench`
+//! The small-blob rate is measured twice: by this program's own client (reqwest, 16 tasks,
+//! keep-alive) and by an independent load generator, Debian's `wrk` (16 keep-alive
+//! connections, 2 threads, cycling over the same blobs), against both registries in the same
+//! run. `wrk` is skipped with a note when it is not installed.
+//!
+//! Run: `cargo run --release -p kiln-registry-mirror --example registry-bench`
 //! Sizes: KILN_BENCH_LARGE_MB (default 256), KILN_BENCH_SMALL_COUNT (default 1000),
-//! KILN_BENCH_SMALL_KB (default 16), KILN_BENCH_LAYER_MB (default 32, four layers).
+//! KILN_BENCH_SMALL_KB (default 16), KILN_BENCH_LAYER_MB (default 32, four layers),
+//! KILN_BENCH_ROUNDS (default 3: direct, cold and warm pulls, a new mirror each round).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -41,6 +48,7 @@ fn data(seed: u64, len: usize) -> Bytes {
 
 struct Server {
     url: String,
+    registry: Arc<Registry>,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -58,7 +66,7 @@ async fn start_ours(mirror: Option<Mirror>) -> anyhow::Result<Server> {
     tokio::spawn(kiln_registry_mirror::server::serve(
         listener,
         None,
-        kiln_registry_mirror::router(registry),
+        kiln_registry_mirror::router(registry.clone()),
         1024,
         async {
             let _ = rx.await;
@@ -66,6 +74,7 @@ async fn start_ours(mirror: Option<Mirror>) -> anyhow::Result<Server> {
     ));
     Ok(Server {
         url,
+        registry,
         _stop: tx,
         _dir: dir,
     })
@@ -188,6 +197,57 @@ struct Throughput {
     large_mbps: f64,
     small_rps: f64,
     small_mbps: f64,
+    small_digests: Vec<Digest>,
+}
+
+const WRK_SECS: u64 = 3;
+
+/// Requests per second of `wrk` (16 keep-alive connections, 2 threads, `WRK_SECS` s) cycling
+/// over the small blobs; `None` when `wrk` is not installed.
+fn wrk_small(url: &str, digests: &[Digest]) -> anyhow::Result<Option<f64>> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v wrk"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        return Ok(None);
+    }
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("paths.lua");
+    let mut lua = String::from("local paths = {\n");
+    for d in digests {
+        lua.push_str(&format!("  \"/v2/bench/small/blobs/{d}\",\n"));
+    }
+    // Each wrk thread starts at a different blob, as the reqwest clients do.
+    lua.push_str(
+        "}\nlocal i = math.random(#paths)\nrequest = function()\n  i = i % #paths + 1\n  return wrk.format(\"GET\", paths[i])\nend\n",
+    );
+    std::fs::write(&script, lua)?;
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{CLIENTS}"),
+            &format!("-d{WRK_SECS}s"),
+            "-s",
+        ])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    if let Some(errors) = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
+        bail!("wrk against {url}: {errors}");
+    }
+    Ok(Some(rps))
 }
 
 async fn measure(
@@ -212,7 +272,7 @@ async fn measure(
     }
     let large_mbps = large.len() as f64 / (1 << 20) as f64 / best.as_secs_f64();
     // Small blobs: 16 clients, each pulling every blob once (interleaved starting points).
-    let digests = Arc::new(small_digests);
+    let digests = Arc::new(small_digests.clone());
     let t = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
@@ -235,6 +295,7 @@ async fn measure(
         large_mbps,
         small_rps: (CLIENTS * digests.len()) as f64 / el,
         small_mbps: total as f64 / (1 << 20) as f64 / el,
+        small_digests,
     })
 }
 
@@ -263,7 +324,11 @@ async fn push_image(http: &reqwest::Client, url: &str, layers: &[Bytes]) -> anyh
 }
 
 /// Pulls `bench/image:v1` as a container runtime does: manifest, then all blobs at once.
-async fn pull_image(http: &reqwest::Client, url: &str) -> anyhow::Result<(Duration, u64)> {
+/// Returns the total time, the bytes, and when the first blob byte arrived.
+async fn pull_image(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<(Duration, u64, Duration)> {
     let t = Instant::now();
     let r = http
         .get(format!("{url}/v2/bench/image/manifests/v1"))
@@ -281,19 +346,42 @@ async fn pull_image(http: &reqwest::Client, url: &str) -> anyhow::Result<(Durati
     for l in m["layers"].as_array().into_iter().flatten() {
         digests.push(l["digest"].as_str().unwrap_or_default().to_owned());
     }
+    let first = Arc::new(std::sync::Mutex::new(None::<Duration>));
     let mut tasks = Vec::new();
     for d in digests {
-        let (http, url) = (http.clone(), url.to_owned());
+        let (http, url, first) = (http.clone(), url.to_owned(), first.clone());
         tasks.push(tokio::spawn(async move {
             let d: Digest = d.parse()?;
-            pull(&http, &url, "bench/image", &d).await
+            let mut r = http
+                .get(format!("{url}/v2/bench/image/blobs/{d}"))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "GET {d} from {url}: {}",
+                r.status()
+            );
+            let mut n = 0u64;
+            while let Some(c) = r.chunk().await? {
+                if n == 0 {
+                    let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
+                    let at = t.elapsed();
+                    *f = Some(f.map_or(at, |x| x.min(at)));
+                }
+                n += c.len() as u64;
+            }
+            anyhow::Ok(n)
         }));
     }
     let mut total = 0;
     for t in tasks {
         total += t.await??;
     }
-    Ok((t.elapsed(), total))
+    let first = first
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_default();
+    Ok((t.elapsed(), total, first))
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -327,6 +415,7 @@ async fn main() -> anyhow::Result<()> {
         "{:<22} {:>14.1} {:>14.0} {:>14.1}",
         "kiln-registry-mirror", t.large_mbps, t.small_rps, t.small_mbps
     );
+    let mut small_rates = vec![("kiln-registry-mirror", ours.url.clone(), t)];
     let docker = start_docker_registry().await?;
     match &docker {
         Some(d) => {
@@ -335,11 +424,26 @@ async fn main() -> anyhow::Result<()> {
                 "{:<22} {:>14.1} {:>14.0} {:>14.1}",
                 "docker-registry", t.large_mbps, t.small_rps, t.small_mbps
             );
+            small_rates.push(("docker-registry", d.url.clone(), t));
         }
         None => println!(
             "{:<22} skipped: docker-registry is not installed",
             "docker-registry"
         ),
+    }
+
+    println!();
+    println!("small blobs, two load generators, {CLIENTS} keep-alive connections each, same blobs");
+    println!(
+        "{:<22} {:>18} {:>18}",
+        "registry", "reqwest req/s", "wrk req/s"
+    );
+    for (name, url, t) in &small_rates {
+        let wrk = match wrk_small(url, &t.small_digests)? {
+            Some(rps) => format!("{rps:.0}"),
+            None => "skipped: no wrk".to_owned(),
+        };
+        println!("{name:<22} {:>18.0} {wrk:>18}", t.small_rps);
     }
 
     // Mirror: cold and warm pulls of a 4-layer image.
@@ -352,25 +456,83 @@ async fn main() -> anyhow::Result<()> {
     };
     let layers: Vec<Bytes> = (0..4).map(|i| data(1000 + i, layer_mb << 20)).collect();
     push_image(&http, &upstream_url, &layers).await?;
-    let mirror = Mirror::new(
-        vec![UpstreamConfig::parse(&format!("docker.io={upstream_url}"))?],
-        None,
-        Duration::from_secs(3600),
-    )?;
-    let mirror = start_ours(Some(mirror)).await?;
+    let rounds = env_or("KILN_BENCH_ROUNDS", 3).max(1);
     println!();
     println!(
-        "image pull through the mirror (upstream: {upstream_name}; 4 layers of {layer_mb} MiB + config, blobs pulled concurrently)"
+        "image pull through the mirror (upstream: {upstream_name}; 4 layers of {layer_mb} MiB + config, blobs pulled concurrently; {rounds} rounds, each: direct, then cold through a new mirror with empty storage, then warm)"
     );
-    let (direct, n) = pull_image(&http, &upstream_url).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let mirror = Mirror::new(
+            vec![UpstreamConfig::parse(&format!("docker.io={upstream_url}"))?],
+            None,
+            Duration::from_secs(3600),
+        )?;
+        let mirror = start_ours(Some(mirror)).await?;
+        let (direct, n, direct_first) = pull_image(&http, &upstream_url).await?;
+        let (cold, _, cold_first) = pull_image(&http, &mirror.url).await?;
+        let m = mirror.registry.mirror.as_ref().context("mirror")?;
+        // Storing (fsync, rename) goes on after the clients' bodies ended: let it finish, so
+        // that the warm pull is served from the store and the profile is complete.
+        let digests: Vec<Digest> = {
+            let r = http
+                .get(format!("{}/v2/bench/image/manifests/v1", mirror.url))
+                .header("accept", ACCEPT_ALL)
+                .send()
+                .await?;
+            let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+            std::iter::once(&v["config"])
+                .chain(v["layers"].as_array().into_iter().flatten())
+                .filter_map(|d| d["digest"].as_str()?.parse().ok())
+                .collect()
+        };
+        for d in &digests {
+            m.settled(d).await;
+        }
+        let (warm, _, _) = pull_image(&http, &mirror.url).await?;
+        let ratio = cold.as_secs_f64() / direct.as_secs_f64();
+        ratios.push(ratio);
+        println!(
+            "  round {round}: direct {:>6.3} s (first blob byte {:>5.1} ms; {:.1} MiB)   cold {:>6.3} s (first blob byte {:>5.1} ms; {ratio:.2} x direct)   warm {:>6.3} s",
+            direct.as_secs_f64(),
+            ms(direct_first),
+            n as f64 / (1 << 20) as f64,
+            cold.as_secs_f64(),
+            ms(cold_first),
+            warm.as_secs_f64(),
+        );
+        println!(
+            "    cold fetch phases per blob, ms from the request to the upstream (upstream headers; first byte to clients; last byte verified, bodies end; all on disk; then fsync; rename + link):"
+        );
+        for t in m
+            .stats
+            .fetch_timings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            println!(
+                "    {:>9.1} MiB  headers {:>6.1}  first byte {:>6.1}  verified {:>6.1}  on disk {:>6.1}  fsync {:>6.1}  commit {:>5.1}",
+                t.bytes as f64 / (1 << 20) as f64,
+                ms(t.headers),
+                ms(t.first_byte),
+                ms(t.verified),
+                ms(t.on_disk),
+                ms(t.sync),
+                ms(t.commit)
+            );
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "  direct from upstream:   {:>8.3} s  ({:.1} MiB)",
-        direct.as_secs_f64(),
-        n as f64 / (1 << 20) as f64
+        "  cold / direct: median {:.2} x (rounds: {})",
+        ratios[ratios.len() / 2],
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    let (cold, _) = pull_image(&http, &mirror.url).await?;
-    println!("  cold (through mirror):  {:>8.3} s", cold.as_secs_f64());
-    let (warm, _) = pull_image(&http, &mirror.url).await?;
-    println!("  warm (from mirror cache): {:>6.3} s", warm.as_secs_f64());
     Ok(())
 }

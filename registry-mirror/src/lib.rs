@@ -13,7 +13,8 @@
 //!   renamed into place; links, tags and resumable upload sessions as small files.
 //! - [`api`]: the `/v2/` HTTP API (axum), with the standard error codes ([`api_error`]).
 //! - [`mirror`]: upstreams, tag TTL, and single-flight blob fetches that stream to every
-//!   waiting client while the blob is stored.
+//!   waiting client from memory while a writer beside stores the blob; a fetched manifest is
+//!   answered at once and stored beside.
 //! - [`client`]: a distribution API client (reqwest, rustls/ring) with basic and bearer-token
 //!   auth, used for upstreams and by [`archive`] to push and export OCI image layouts.
 //! - [`server`]: the accept loop on an already-bound listener, HTTP or TLS, with a connection
@@ -28,6 +29,9 @@
 //!   cache); they are not proxied to upstreams.
 //! - Range requests on a blob that is still being fetched from an upstream are answered with
 //!   the whole blob.
+//! - A client's body of a cold blob ends when the digest matched, before the blob is synced
+//!   and renamed into the store; if storing then fails (disk full), the next request fetches
+//!   it again.
 //! - Upload sessions live on disk; a chunk whose connection breaks is discarded and the client
 //!   resumes from the session's previous end. Sessions idle for longer than the purge age are
 //!   removed.
@@ -37,6 +41,7 @@ pub mod api;
 pub mod api_error;
 pub mod archive;
 pub mod client;
+pub mod installer;
 pub mod manifest;
 pub mod mirror;
 pub mod reference;

@@ -1,6 +1,7 @@
 //! The pull-through mirror against an upstream registry on loopback: single-flight fetches,
-//! serving from the cache after the upstream is gone, ns= selection, pushed images first,
-//! tag TTL, upstream credentials and the request log.
+//! streaming a blob to the client while the upstream still sends it, serving from the cache
+//! after the upstream is gone, ns= selection, pushed images first, tag TTL, upstream
+//! credentials and the request log.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
 
 mod common;
@@ -93,6 +94,8 @@ async fn concurrent_pulls_of_an_uncached_blob_fetch_it_once() {
         "{:?}",
         upstream.requests.lock().unwrap()
     );
+    // The bodies end once the digest matched; storing (fsync, rename) follows.
+    mirror.registry.mirror.as_ref().unwrap().settled(&ld).await;
     let stats = &mirror.registry.mirror.as_ref().unwrap().stats;
     assert_eq!(
         stats
@@ -103,6 +106,129 @@ async fn concurrent_pulls_of_an_uncached_blob_fetch_it_once() {
     assert_eq!(
         mirror.registry.storage.blob_size(&ld).await,
         Some(layer.len() as u64)
+    );
+}
+
+/// An upstream that serves one blob over HTTP/1.1: the first `split` bytes at once, the rest
+/// only when `release` fires.
+async fn stalling_upstream(
+    blob: Vec<u8>,
+    split: usize,
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"GET /v2/library/slow/blobs/sha256:"));
+        let header = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            blob.len()
+        );
+        s.write_all(header.as_bytes()).await.unwrap();
+        s.write_all(&blob[..split]).await.unwrap();
+        let _ = release.await;
+        s.write_all(&blob[split..]).await.unwrap();
+        let _ = s.shutdown().await;
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_blob_streams_to_the_client_while_the_upstream_still_sends_it() {
+    let blob = bytes(12, 4 << 20);
+    let digest = Digest::of(&blob);
+    let split = 1 << 20;
+    let (release, released) = tokio::sync::oneshot::channel();
+    let upstream = stalling_upstream(blob.clone(), split, released).await;
+    let mirror = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(
+            &[("docker.io", &upstream)],
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
+    let mut resp = http()
+        .get(format!("{}/v2/library/slow/blobs/{digest}", mirror.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The upstream holds back everything after the first MiB: the client still gets that MiB.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while got.len() < split {
+            let chunk = resp.chunk().await.unwrap().expect("body ended early");
+            got.extend_from_slice(&chunk);
+        }
+    })
+    .await
+    .expect("the first MiB did not reach the client while the upstream stalled");
+    assert_eq!(got, blob[..split]);
+    let m = mirror.registry.mirror.as_ref().unwrap();
+    assert_eq!(m.fetches_in_flight(), 1);
+    assert_eq!(mirror.registry.storage.blob_size(&digest).await, None);
+
+    release.send(()).unwrap();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(Digest::of(&got), digest);
+    m.settled(&digest).await;
+    assert_eq!(
+        mirror.registry.storage.blob_size(&digest).await,
+        Some(blob.len() as u64)
+    );
+    let timings = m.stats.fetch_timings.lock().unwrap().clone();
+    assert_eq!(timings.len(), 1);
+    assert!(timings[0].first_byte < timings[0].verified, "{timings:?}");
+    assert_eq!(timings[0].bytes, blob.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_does_not_match_its_digest_is_never_cached() {
+    let blob = bytes(13, 2 << 20);
+    // The client asks for other content of the same length: the upstream's bytes are wrong.
+    let digest = Digest::of(&bytes(14, 2 << 20));
+    let (release, released) = tokio::sync::oneshot::channel();
+    let upstream = stalling_upstream(blob.clone(), 1 << 20, released).await;
+    let mirror = TestRegistry::start(
+        ApiConfig::default(),
+        Some(mirror_of(
+            &[("docker.io", &upstream)],
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
+    let mut resp = http()
+        .get(format!("{}/v2/library/slow/blobs/{digest}", mirror.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    release.send(()).unwrap();
+    // The bytes stream before the digest can be checked; with the length announced, the
+    // client may get the whole wrong body and rejects it by its digest, as runtimes do. What
+    // the mirror guarantees: the body never matches the digest, and nothing is cached.
+    let mut got = Vec::new();
+    while let Ok(Some(c)) = resp.chunk().await {
+        got.extend_from_slice(&c);
+    }
+    assert_ne!(Digest::of(&got), digest);
+    let m = mirror.registry.mirror.as_ref().unwrap();
+    m.settled(&digest).await;
+    assert_eq!(mirror.registry.storage.blob_size(&digest).await, None);
+    assert_eq!(
+        mirror.registry.storage.blob_size(&Digest::of(&blob)).await,
+        None
     );
 }
 
@@ -329,17 +455,25 @@ impl std::io::Write for Captured {
 
 #[tokio::test]
 async fn the_request_log_says_hit_or_upstream() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_env_filter("kiln_registry_mirror::access=info")
-        .finish();
-    // The current-thread test runtime runs the servers on this thread, under this subscriber.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // A global subscriber: a thread-local one (`set_default`) races with the other tests of
+    // this binary over tracing's per-callsite interest cache and sometimes sees nothing. The
+    // other tests log here too, so the lines are told apart by this test's repository name.
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    let captured = CAPTURED
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_env_filter("kiln_registry_mirror::access=info")
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            captured
+        })
+        .clone();
     let upstream = TestRegistry::start(ApiConfig::default(), None).await;
-    let (_, ld) = push_image(&upstream.url, "library/app", "v1", b"layer").await;
+    let (_, ld) = push_image(&upstream.url, "library/logged", "v1", b"layer").await;
     let mirror = TestRegistry::start(
         ApiConfig::default(),
         Some(mirror_of(
@@ -350,13 +484,13 @@ async fn the_request_log_says_hit_or_upstream() {
     .await;
     for _ in 0..2 {
         let r = http()
-            .get(format!("{}/v2/library/app/manifests/v1", mirror.url))
+            .get(format!("{}/v2/library/logged/manifests/v1", mirror.url))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         let r = http()
-            .get(format!("{}/v2/library/app/blobs/{ld}", mirror.url))
+            .get(format!("{}/v2/library/logged/blobs/{ld}", mirror.url))
             .send()
             .await
             .unwrap();
@@ -366,23 +500,27 @@ async fn the_request_log_says_hit_or_upstream() {
     // Only the mirror's lines (the upstream, in this process too, logs its own local pulls).
     let pulls: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("pull ") && l.contains("upstream=\"docker.io\""))
+        .filter(|l| {
+            l.contains("pull ")
+                && l.contains("library/logged")
+                && l.contains("upstream=\"docker.io\"")
+        })
         .collect();
     assert_eq!(pulls.len(), 4, "{log}");
     assert!(
-        pulls[0].contains("pull manifest library/app:v1 upstream"),
+        pulls[0].contains("pull manifest library/logged:v1 upstream"),
         "{log}"
     );
     assert!(
-        pulls[1].contains(&format!("pull blob library/app@{ld} upstream")),
+        pulls[1].contains(&format!("pull blob library/logged@{ld} upstream")),
         "{log}"
     );
     assert!(
-        pulls[2].contains("pull manifest library/app:v1 hit"),
+        pulls[2].contains("pull manifest library/logged:v1 hit"),
         "{log}"
     );
     assert!(
-        pulls[3].contains(&format!("pull blob library/app@{ld} hit")),
+        pulls[3].contains(&format!("pull blob library/logged@{ld} hit")),
         "{log}"
     );
 }

@@ -3,8 +3,8 @@
 //! archives `export` writes; Docker Engine (Debian's `docker.io`, started here) pulls through
 //! the mirror, whose upstream is Debian's `docker-registry`, seeded with skopeo.
 //!
-//! Each test prints "skipped: <reason>" and returns when a peer is missing (or, for Docker,
-//! when not root); `scripts/install-deps` installs them.
+//! Each test names its tiers (`skip_unless!`): a missing peer prints "skipped: <reason>", or
+//! fails where `scripts/test` made the tier required; `scripts/install-deps` installs them.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly on purpose
 
 mod common;
@@ -20,21 +20,7 @@ use kiln_registry_mirror::archive::{self, ImageFormat, OciLayout};
 use kiln_registry_mirror::client::{ClientConfig, RegistryClient};
 use kiln_registry_mirror::reference::{Digest, Reference, RepoName};
 use kiln_registry_mirror::{ApiConfig, Mirror, UpstreamConfig};
-
-fn have(bin: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
+use kiln_test_tiers::{Tier, skip_unless};
 
 /// Runs a command, failing with its output when it fails.
 async fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -126,10 +112,7 @@ async fn registry_digest(url: &str, name: &str, reference: &str) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_copies_oci_and_docker_images_in_and_out() -> anyhow::Result<()> {
-    if !have("skopeo") {
-        println!("skipped: skopeo is not installed (scripts/install-deps installs it)");
-        return Ok(());
-    }
+    skip_unless!(Tier::Skopeo);
     let reg = TestRegistry::start(ApiConfig::default(), None).await;
     let host = reg.addr.to_string();
     let tmp = tempfile::tempdir()?;
@@ -285,10 +268,7 @@ async fn skopeo_copies_oci_and_docker_images_in_and_out() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_copies_over_https() -> anyhow::Result<()> {
-    if !have("skopeo") {
-        println!("skipped: skopeo is not installed (scripts/install-deps installs it)");
-        return Ok(());
-    }
+    skip_unless!(Tier::Skopeo);
     let tmp = tempfile::tempdir()?;
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])?;
     let certs = tmp.path().join("certs");
@@ -437,16 +417,7 @@ async fn docker(sock: &str, args: &[&str]) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Result<()> {
-    if !is_root() {
-        println!("skipped: Docker Engine needs root");
-        return Ok(());
-    }
-    for bin in ["dockerd", "docker", "docker-registry", "skopeo"] {
-        if !have(bin) {
-            println!("skipped: {bin} is not installed (scripts/install-deps installs it)");
-            return Ok(());
-        }
-    }
+    skip_unless!(Tier::Root, Tier::Docker, Tier::Skopeo);
     let tmp = tempfile::Builder::new().prefix("kiln-docker-").tempdir()?;
     let base = tmp.path();
 

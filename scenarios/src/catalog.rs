@@ -1,145 +1,83 @@
-//! The built-in scenarios.
+//! The built-in scenarios: the files of `scenarios/builtin/`, shipped inside the binary.
+//!
+//! Adding one: write `builtin/NAME.yaml` and list it in [`BUILTIN`].
 
-use std::time::Duration;
+use crate::file::Scenario;
 
-use crate::step::{NodeRef::ControlPlane as Cp, NodeRef::Worker as W, SnapshotKind, Step, Step::*};
+/// The shipped scenario files: (file name, text).
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "etcd-disaster-recovery.yaml",
+        include_str!("../builtin/etcd-disaster-recovery.yaml"),
+    ),
+    (
+        "etcd-disaster-recovery-raw-copy.yaml",
+        include_str!("../builtin/etcd-disaster-recovery-raw-copy.yaml"),
+    ),
+    (
+        "control-plane-node-loss.yaml",
+        include_str!("../builtin/control-plane-node-loss.yaml"),
+    ),
+    (
+        "network-partition.yaml",
+        include_str!("../builtin/network-partition.yaml"),
+    ),
+    (
+        "node-reboot.yaml",
+        include_str!("../builtin/node-reboot.yaml"),
+    ),
+    (
+        "maintenance-mode-apply.yaml",
+        include_str!("../builtin/maintenance-mode-apply.yaml"),
+    ),
+    (
+        "etcd-maintenance.yaml",
+        include_str!("../builtin/etcd-maintenance.yaml"),
+    ),
+    (
+        "upgrade-rolling.yaml",
+        include_str!("../builtin/upgrade-rolling.yaml"),
+    ),
+    (
+        "upgrade-concurrent-control-plane.yaml",
+        include_str!("../builtin/upgrade-concurrent-control-plane.yaml"),
+    ),
+    (
+        "upgrade-bad-image.yaml",
+        include_str!("../builtin/upgrade-bad-image.yaml"),
+    ),
+    (
+        "upgrade-boot-failure.yaml",
+        include_str!("../builtin/upgrade-boot-failure.yaml"),
+    ),
+    ("rollback.yaml", include_str!("../builtin/rollback.yaml")),
+    (
+        "upgrade-no-preserve.yaml",
+        include_str!("../builtin/upgrade-no-preserve.yaml"),
+    ),
+    (
+        "upgrade-staged.yaml",
+        include_str!("../builtin/upgrade-staged.yaml"),
+    ),
+    (
+        "upgrade-quorum-refused.yaml",
+        include_str!("../builtin/upgrade-quorum-refused.yaml"),
+    ),
+];
 
-/// A named list of steps.
-#[derive(Debug, Clone)]
-pub struct Scenario {
-    /// Name (`etcd-disaster-recovery`).
-    pub name: &'static str,
-    /// What it shows.
-    pub description: &'static str,
-    /// The steps.
-    pub steps: Vec<Step>,
-}
-
-impl Scenario {
-    /// Whether some step needs root.
-    pub fn needs_root(&self) -> bool {
-        self.steps.iter().any(Step::needs_root)
-    }
-}
-
-const HEALTH: Duration = Duration::from_secs(180);
-
-fn three_cp() -> Step {
-    CreateCluster {
-        controlplanes: 3,
-        workers: 0,
-        maintenance_workers: false,
-    }
-}
-
-fn disaster_recovery(kind: SnapshotKind) -> Vec<Step> {
-    let mut steps = vec![three_cp(), WriteKeys { count: 200 }];
-    if kind == SnapshotKind::Api {
-        // Snapshot on a healthy node; writes after it may be lost, by definition.
-        steps.push(Snapshot { node: Cp(1), kind });
-        steps.push(WriteKeys { count: 20 });
-    }
-    steps.extend([PowerOff(Cp(2)), PowerOff(Cp(3)), ExpectEtcdUnhealthy(Cp(1))]);
-    if kind == SnapshotKind::RawDb {
-        // Quorum is lost: nothing more can be acknowledged; copy the database file off.
-        steps.push(Snapshot { node: Cp(1), kind });
-    }
-    steps.extend([
-        ResetEphemeral(Cp(1)),
-        PowerOn(Cp(2)),
-        ResetEphemeral(Cp(2)),
-        PowerOn(Cp(3)),
-        ResetEphemeral(Cp(3)),
-        RecoverFromSnapshot(Cp(1)),
-        WaitHealthy { timeout: HEALTH },
-        AssertMembers(3),
-        AssertNoLostWrites,
-    ]);
-    steps
-}
-
-/// Every built-in scenario.
+/// Every built-in scenario. The shipped files are checked by this crate's tests, so a parse
+/// failure here is a build defect, reported with the file's problems.
 pub fn catalog() -> Vec<Scenario> {
-    vec![
-        Scenario {
-            name: "etcd-disaster-recovery",
-            description: "lose etcd quorum, wipe EPHEMERAL everywhere, recover from an etcd snapshot",
-            steps: disaster_recovery(SnapshotKind::Api),
-        },
-        Scenario {
-            name: "etcd-disaster-recovery-raw-copy",
-            description: "as etcd-disaster-recovery, from a raw copy of the database file (--recover-skip-hash-check)",
-            steps: disaster_recovery(SnapshotKind::RawDb),
-        },
-        Scenario {
-            name: "control-plane-node-loss",
-            description: "power off a control-plane node: the cluster stays writable and reachable; it rejoins",
-            steps: vec![
-                three_cp(),
-                StartWriter,
-                PowerOff(Cp(3)),
-                AssertWritable { count: 50 },
-                AssertApiThroughLoadBalancer { count: 20 },
-                PowerOn(Cp(3)),
-                WaitHealthy { timeout: HEALTH },
-                StopWriter,
-                AssertMembers(3),
-                AssertCaughtUp(Cp(3)),
-                AssertNoLostWrites,
-            ],
-        },
-        Scenario {
-            name: "network-partition",
-            description: "cut a control-plane node's link: the others keep quorum; it catches up after",
-            steps: vec![
-                three_cp(),
-                StartWriter,
-                LinkDown(Cp(3)),
-                AssertWritable { count: 50 },
-                LinkUp(Cp(3)),
-                WaitHealthy { timeout: HEALTH },
-                StopWriter,
-                AssertCaughtUp(Cp(3)),
-                AssertMembers(3),
-                AssertNoLostWrites,
-            ],
-        },
-        Scenario {
-            name: "node-reboot",
-            description: "reboot a worker and a control-plane node through the API; config and data survive",
-            steps: vec![
-                CreateCluster {
-                    controlplanes: 1,
-                    workers: 1,
-                    maintenance_workers: false,
-                },
-                WriteKeys { count: 100 },
-                Reboot(W(1)),
-                Reboot(Cp(1)),
-                WaitHealthy { timeout: HEALTH },
-                AssertRunning(W(1)),
-                AssertRunning(Cp(1)),
-                AssertNoLostWrites,
-            ],
-        },
-        Scenario {
-            name: "maintenance-mode-apply",
-            description: "a node boots without config, waits in maintenance mode, apply-config --insecure joins it",
-            steps: vec![
-                CreateCluster {
-                    controlplanes: 1,
-                    workers: 1,
-                    maintenance_workers: true,
-                },
-                ApplyConfigInsecure(W(1)),
-                WaitHealthy { timeout: HEALTH },
-                AssertRunning(W(1)),
-            ],
-        },
-    ]
+    BUILTIN
+        .iter()
+        .map(|(file, text)| {
+            Scenario::parse(text, &format!("builtin:{file}"))
+                .unwrap_or_else(|e| panic!("a shipped scenario is invalid: {e}"))
+        })
+        .collect()
 }
 
-/// The scenario called `name`.
+/// The built-in scenario called `name`.
 pub fn find(name: &str) -> Option<Scenario> {
     catalog().into_iter().find(|s| s.name == name)
 }
@@ -149,20 +87,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_unique_and_every_scenario_creates_first() {
+    fn shipped_files_parse_with_unique_names_matching_their_files() {
         let all = catalog();
-        let mut names: Vec<_> = all.iter().map(|s| s.name).collect();
+        let mut names: Vec<_> = all.iter().map(|s| s.name.clone()).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        for s in &all {
+        for ((file, _), s) in BUILTIN.iter().zip(&all) {
+            assert_eq!(*file, format!("{}.yaml", s.name));
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("builtin");
+        let on_disk = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(
+            on_disk,
+            BUILTIN.len(),
+            "every file of builtin/ is listed in BUILTIN"
+        );
+        assert!(find("network-partition").is_some_and(|s| s.needs_link_faults()));
+        assert!(find("node-reboot").is_some_and(|s| !s.needs_link_faults()));
+        assert!(find("rollback").is_some_and(|s| s.needs_slots()));
+        assert!(find("node-reboot").is_some_and(|s| !s.needs_slots()));
+    }
+
+    #[test]
+    fn the_docs_show_every_shipped_file_as_it_is() {
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/scenarios.md"),
+        )
+        .unwrap_or_default();
+        for (file, text) in BUILTIN {
             assert!(
-                matches!(s.steps.first(), Some(Step::CreateCluster { .. })),
-                "{}",
-                s.name
+                docs.contains(&format!("```yaml\n{text}```")),
+                "docs/scenarios.md does not show builtin/{file} as shipped"
             );
         }
-        assert!(find("network-partition").unwrap().needs_root());
-        assert!(!find("node-reboot").unwrap().needs_root());
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
+use kiln_config::MachineType;
 use kiln_os_api::client::request;
 use kiln_os_api::pb;
 use kiln_os_api::pb::machine_service_client::MachineServiceClient;
@@ -32,10 +33,14 @@ pub struct ClusterHandle {
     pub snapshot: Option<(SnapshotKind, Vec<u8>)>,
     /// The data workload.
     pub workload: Arc<Mutex<Workload>>,
+    /// What the last `etcdStatus` step saw: (node, DB size, in use).
+    pub db_sizes: Vec<(String, i64, i64)>,
     writer: Option<(
         tokio::task::JoinHandle<()>,
         tokio::sync::watch::Sender<bool>,
     )>,
+    /// The releases of an upgrade scenario and their registry.
+    pub releases: Option<crate::upgrade::Releases>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -60,15 +65,17 @@ impl ClusterHandle {
             configured_later: BTreeSet::new(),
             snapshot: None,
             workload: Arc::new(Mutex::new(Workload::new(&prefix))),
+            db_sizes: Vec::new(),
             writer: None,
+            releases: None,
         })
     }
 
     /// The state of a node.
     pub fn node(&self, r: NodeRef) -> anyhow::Result<&NodeState> {
         let (role, i) = match r {
-            NodeRef::ControlPlane(i) => ("controlplane", i),
-            NodeRef::Worker(i) => ("worker", i),
+            NodeRef::ControlPlane(i) => (MachineType::Controlplane, i),
+            NodeRef::Worker(i) => (MachineType::Worker, i),
         };
         self.created
             .state
@@ -95,12 +102,7 @@ impl ClusterHandle {
     }
 
     fn control_plane(&self) -> Vec<&NodeState> {
-        self.created
-            .state
-            .nodes
-            .iter()
-            .filter(|n| n.role == "controlplane")
-            .collect()
+        self.created.state.control_plane().collect()
     }
 
     /// One etcd client per control-plane node (writes fail over between them).
@@ -141,7 +143,7 @@ impl ClusterHandle {
         let name = self.node(r)?.name.clone();
         let status = self
             .provisioner
-            .node_power(&self.created.dir, &name, action)
+            .power(&self.created.dir, &self.created.state, &name, action)
             .await?;
         Ok(status.boots)
     }
@@ -149,7 +151,7 @@ impl ClusterHandle {
     async fn boots(&self, r: NodeRef) -> anyhow::Result<u32> {
         Ok(self
             .provisioner
-            .node_status(&self.created.dir, &self.node(r)?.name)
+            .status(&self.created.dir, &self.created.state, &self.node(r)?.name)
             .await?
             .boots)
     }
@@ -185,12 +187,13 @@ impl ClusterHandle {
                                 .into_iter()
                                 .next()
                                 .unwrap_or_default();
+                            let stage = m.stage();
                             let err = m.metadata.map(|md| md.error).unwrap_or_default();
-                            if err.is_empty() && m.stage == "running" {
+                            if err.is_empty() && stage == pb::Stage::Running {
                                 return Ok(());
                             }
                             last = if err.is_empty() {
-                                format!("stage {}", m.stage)
+                                format!("stage {stage}")
                             } else {
                                 err
                             };
@@ -298,6 +301,16 @@ impl ClusterHandle {
                 data
             }
             SnapshotKind::RawDb => {
+                // The guide warns that a copy of a running etcd's database "might not be
+                // fully consistent": writes acknowledged in the last batch interval are in the
+                // WAL but not yet in the file. Stop etcd first (a clean stop commits the
+                // batch), so the no-lost-writes rule holds for the copy as for a snapshot.
+                api.service_stop(request(
+                    pb::ServiceRequest { id: "etcd".into() },
+                    std::slice::from_ref(&addr),
+                ))
+                .await
+                .map_err(|s| anyhow::anyhow!("stopping etcd before the copy: {}", s.message()))?;
                 let mut s = api
                     .file_copy(request(
                         pb::FileCopyRequest {
@@ -391,9 +404,9 @@ impl ClusterHandle {
                 .iter()
                 .flat_map(|m| &m.services)
                 .find(|s| s.id == "etcd")
-                .map(|s| s.state.clone())
+                .map(pb::ServiceInfo::state)
                 .unwrap_or_default();
-            if etcd == "Preparing" {
+            if etcd == pb::ServiceState::Preparing {
                 break;
             }
             if Instant::now() > deadline {
@@ -454,7 +467,7 @@ impl ClusterHandle {
     pub fn topology(&self) -> kiln_provisioner::health::Topology {
         let mut t = create::topology(&self.created.state);
         for n in &self.created.state.nodes {
-            if self.configured_later.contains(&n.name) && n.role == "worker" {
+            if self.configured_later.contains(&n.name) && n.role == MachineType::Worker {
                 t.workers.push((n.address.to_string(), n.name.clone()));
             }
         }
@@ -464,8 +477,15 @@ impl ClusterHandle {
     /// Waits for cluster health.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let mut api = self.api().await?;
-        kiln_provisioner::health::check(&mut api, &self.topology(), timeout, &Progress::plain())
-            .await
+        Ok(
+            kiln_provisioner::health::check(
+                &mut api,
+                &self.topology(),
+                timeout,
+                &Progress::plain(),
+            )
+            .await?,
+        )
     }
 
     /// Addresses of the control-plane nodes.
@@ -542,10 +562,10 @@ impl ClusterHandle {
                         text += &format!("error: {}\n", md.error);
                     }
                     for s in list.services {
-                        text += &format!("{} {} restarts={}\n", s.id, s.state, s.restarts);
+                        text += &format!("{} {} restarts={}\n", s.id, s.state(), s.restarts);
                         for e in &s.events {
                             text +=
-                                &format!("  [{}]: {} ({})\n", e.state, e.message, e.unix_millis);
+                                &format!("  [{}]: {} ({})\n", e.state(), e.message, e.unix_millis);
                         }
                         if let Ok(Ok(stream)) = tokio::time::timeout(
                             CALL,
@@ -599,13 +619,8 @@ impl ClusterHandle {
     /// Destroys the cluster.
     pub async fn destroy(mut self) -> anyhow::Result<()> {
         self.stop_writer().await;
-        self.provisioner
-            .destroy(
-                &self.created.dir,
-                &self.created.state.name,
-                &Progress::plain(),
-            )
-            .await
+        kiln_provisioner::destroy::destroy(&self.created.dir, false, &Progress::plain()).await?;
+        Ok(())
     }
 }
 

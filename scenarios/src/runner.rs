@@ -1,5 +1,6 @@
 //! Running a scenario: create, each step timed and printed, a crash dump on failure, and
-//! `destroy` at the end unless the cluster is kept for inspection.
+//! `destroy` at the end unless the cluster is kept for inspection. [`run_many`] runs a matrix
+//! of scenarios and provisioners, `jobs` at a time, each on its own network.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,8 +12,8 @@ use kiln_provisioner::create::CreateOptions;
 use kiln_provisioner::progress::Progress;
 use kiln_provisioner::provision::PowerAction;
 
-use crate::catalog::Scenario;
 use crate::cluster::{ClusterHandle, node_error};
+use crate::file::Scenario;
 use crate::step::Step;
 
 /// How to run.
@@ -26,10 +27,59 @@ pub struct RunOptions {
     pub keep_on_failure: bool,
     /// Directory holding the clusters' state directories.
     pub state_base: PathBuf,
-    /// Network of the cluster.
-    pub cidr: String,
+    /// Network of the cluster; `None`: a free /24 from `10.<cidr_from>.0.0` on (or the
+    /// scenario file's `network.cidr`).
+    pub cidr: Option<String>,
+    /// Where free networks are looked for.
+    pub cidr_from: u8,
+    /// Put before the scenario's name to name its cluster.
+    pub name_prefix: String,
     /// Print each step as it runs.
     pub verbose: bool,
+}
+
+impl RunOptions {
+    /// Defaults for `provisioner`, state under `state_base`, dumps into `artifacts`.
+    pub fn new(provisioner: &str, state_base: PathBuf, artifacts: PathBuf) -> Self {
+        Self {
+            provisioner: provisioner.to_owned(),
+            artifacts,
+            keep_on_failure: false,
+            state_base,
+            cidr: None,
+            cidr_from: 120,
+            name_prefix: String::new(),
+            verbose: true,
+        }
+    }
+
+    /// The cluster's name for `scenario`.
+    pub fn cluster_name(&self, scenario: &Scenario) -> String {
+        format!("{}{}", self.name_prefix, scenario.name)
+    }
+}
+
+/// Networks handed out by this process to clusters that may not have written their state yet.
+/// The lock is held while a network is picked, so two trials starting together never get the
+/// same one.
+static RESERVED: tokio::sync::Mutex<Vec<ipnetwork::Ipv4Network>> =
+    tokio::sync::Mutex::const_new(Vec::new());
+
+async fn reserve_cidr(opts: &RunOptions) -> String {
+    let mut reserved = RESERVED.lock().await;
+    let cidr =
+        kiln_provisioner::network::free_cidr_excluding(&opts.state_base, opts.cidr_from, &reserved)
+            .await;
+    if let Ok(net) = cidr.parse() {
+        reserved.push(net);
+    }
+    cidr
+}
+
+async fn release_cidr(cidr: &str) {
+    if let Ok(net) = cidr.parse::<ipnetwork::Ipv4Network>() {
+        RESERVED.lock().await.retain(|n| *n != net);
+    }
 }
 
 /// One step's result.
@@ -97,51 +147,77 @@ impl Report {
 }
 
 /// Why a scenario cannot run with `provisioner` here, if it cannot.
+/// The provisioner says what it supports here; a scenario that needs more is skipped with its
+/// reason.
 pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
-    if provisioner != "process" {
-        return Some(format!(
-            "the {provisioner} provisioner is not available in this build"
-        ));
+    let p = match kiln_provisioner::provision::by_name(provisioner) {
+        Ok(p) => p,
+        Err(e) => return Some(e.to_string()),
+    };
+    let caps = match p.network_mode() {
+        Ok(mode) => p.capabilities(mode),
+        Err(e) => return Some(e.to_string()),
+    };
+    if scenario.needs_link_faults()
+        && let Err(why) = caps.link_faults
+    {
+        return Some(why);
     }
-    if scenario.needs_root() && !nix::unistd::Uid::effective().is_root() {
-        return Some("cutting a node's link needs the bridge network: run as root".to_owned());
+    if scenario.needs_pause()
+        && let Err(why) = caps.pause
+    {
+        return Some(why);
+    }
+    if scenario.needs_slots()
+        && let Err(why) = caps.slots
+    {
+        return Some(why);
     }
     None
 }
 
-async fn execute(
-    handle: &mut Option<ClusterHandle>,
-    step: &Step,
+/// Creates the scenario's cluster: its cluster file, then the run's provisioner, name and
+/// network; with `release:`, after publishing the upgrade releases, on that release.
+async fn create(
+    scenario: &Scenario,
     opts: &RunOptions,
-    name: &str,
-) -> anyhow::Result<String> {
-    if let Step::CreateCluster {
-        controlplanes,
-        workers,
-        maintenance_workers,
-    } = step
-    {
-        let mut create = CreateOptions::new(name, opts.state_base.clone());
-        create.provisioner = opts.provisioner.clone();
-        create.controlplanes = *controlplanes;
-        create.workers = *workers;
-        create.cidr = opts.cidr.clone();
-        create.maintenance_workers = *maintenance_workers;
-        create.wait_timeout = Duration::from_secs(180);
-        let h = ClusterHandle::create(&create, &Progress::plain()).await?;
-        let detail = format!(
-            "{} nodes in {:.1}s",
-            h.created.state.nodes.len(),
-            h.created.elapsed.as_secs_f64()
-        );
-        *handle = Some(h);
-        return Ok(detail);
+    cidr: &str,
+) -> anyhow::Result<ClusterHandle> {
+    let mut create = CreateOptions::new(&opts.cluster_name(scenario), opts.state_base.clone());
+    create.wait_timeout = Duration::from_secs(180);
+    scenario
+        .cluster
+        .apply(&mut create, std::path::Path::new("."))?;
+    let (cps, workers) = scenario.shape();
+    create.controlplanes = cps;
+    create.workers = workers;
+    create.provisioner = opts.provisioner.clone();
+    create.name = opts.cluster_name(scenario);
+    create.state_base = opts.state_base.clone();
+    create.cidr = cidr.to_owned();
+    if create.provisioner == kiln_provisioner::provision::qemu::NAME {
+        let store = kiln_provisioner::provision::qemu::image_store()
+            .context("no image store: set KILN_IMAGE_STORE or HOME")?;
+        create.provisioner_options.qemu = kiln_provisioner::provision::qemu::QemuOptions {
+            cpus: 1,
+            memory_mib: 768,
+            ..kiln_provisioner::provision::qemu::QemuOptions::from_store(&store)?
+        };
     }
+    match scenario.release {
+        Some(release) => {
+            let releases = crate::upgrade::publish().await?;
+            crate::upgrade::create_on(create, releases, release).await
+        }
+        None => ClusterHandle::create(&create, &Progress::plain()).await,
+    }
+}
+
+async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Result<String> {
     let h = handle
         .as_mut()
         .context("the scenario must create its cluster first")?;
     Ok(match step {
-        Step::CreateCluster { .. } => String::new(),
         Step::WriteKeys { count } => {
             let (ok, failed) = h.write_keys(*count, false).await?;
             if ok == 0 {
@@ -365,6 +441,97 @@ async fn execute(
             }
             detail
         }
+        Step::FillUntilNoSpace {
+            value_bytes,
+            limit_bytes,
+        } => {
+            let written = h.fill_until_no_space(*value_bytes, *limit_bytes).await?;
+            format!("etcd refused a write (NOSPACE) after {written} bytes")
+        }
+        Step::AssertAlarm(want) => {
+            // Each member raises the alarm when its own backend passes the quota; once one has,
+            // writes stop, so a member a little behind may never pass it. Every node must list
+            // the alarm; wait a while for every member to raise it, and report how many did.
+            let members = h.member_ids().await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let alarms = h.alarms(false).await?;
+                let raised = |list: &Vec<(u64, String)>| {
+                    members
+                        .iter()
+                        .filter(|m| list.iter().any(|(id, a)| id == *m && a == want))
+                        .count()
+                };
+                let listed = alarms.iter().filter(|(_, l)| raised(l) > 0).count();
+                let by = alarms.iter().map(|(_, l)| raised(l)).min().unwrap_or(0);
+                if listed == alarms.len() && (by == members.len() || Instant::now() > deadline) {
+                    break format!(
+                        "every node ({}) lists {want}, raised by {by} of {} members",
+                        alarms.len(),
+                        members.len()
+                    );
+                }
+                if Instant::now() > deadline {
+                    bail!("{want} is not listed by every node: {alarms:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Step::AssertNoAlarm => {
+            let alarms = h.alarms(false).await?;
+            if let Some((node, list)) = alarms.iter().find(|(_, l)| !l.is_empty()) {
+                bail!("{node} still reports alarms: {list:?}");
+            }
+            format!("no alarm on {} nodes", alarms.len())
+        }
+        Step::AssertNotWritable => {
+            let (ok, failed) = h.write_keys(1, false).await?;
+            if ok > 0 {
+                bail!("a write was acknowledged");
+            }
+            format!("{failed} write refused")
+        }
+        Step::EtcdStatus => {
+            h.db_sizes = h.db_sizes().await?;
+            crate::maintenance::describe_sizes(&h.db_sizes)
+        }
+        Step::Compact => format!("compacted to revision {}", h.compact().await?),
+        Step::Defrag => {
+            h.defrag().await?;
+            let after = h.db_sizes().await?;
+            let detail = crate::maintenance::compare_sizes(&h.db_sizes, &after)?;
+            h.db_sizes = after;
+            detail
+        }
+        Step::DisarmAlarms => {
+            let before = h.alarms(true).await?;
+            format!(
+                "disarmed {} alarms",
+                before.iter().map(|(_, l)| l.len()).max().unwrap_or(0)
+            )
+        }
+        Step::Upgrade {
+            node,
+            to,
+            preserve,
+            stage,
+            force,
+            expect,
+        } => {
+            let flags = crate::upgrade::UpgradeFlags {
+                preserve: *preserve,
+                stage: *stage,
+                force: *force,
+            };
+            crate::upgrade::upgrade(h, *node, *to, flags, *expect).await?
+        }
+        Step::UpgradeAll { to, concurrent } => {
+            crate::upgrade::upgrade_all(h, *to, *concurrent).await?
+        }
+        Step::Rollback(n) => crate::upgrade::rollback(h, *n).await?,
+        Step::AssertRelease { node, release } => {
+            crate::upgrade::assert_release(h, *node, *release).await?
+        }
         Step::AssertKeyPresent(key) => {
             let mut found = false;
             for mut c in h.etcd_clients().await? {
@@ -381,11 +548,11 @@ async fn execute(
     })
 }
 
-/// Runs `scenario`; the cluster is named after it.
+/// Runs `scenario`; the cluster is named after it ([`RunOptions::cluster_name`]).
 pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
     let started = Instant::now();
     let mut report = Report {
-        scenario: scenario.name.to_owned(),
+        scenario: scenario.name.clone(),
         provisioner: opts.provisioner.clone(),
         outcome: Outcome::Passed,
         steps: Vec::new(),
@@ -395,22 +562,51 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
         report.outcome = Outcome::Skipped(why);
         return report;
     }
+    let file_cidr = scenario
+        .cluster
+        .network
+        .as_ref()
+        .and_then(|n| n.cidr.clone());
+    let (cidr, reserved) = match (&opts.cidr, file_cidr) {
+        (Some(c), _) => (c.clone(), false),
+        (None, Some(c)) => (c, false),
+        (None, None) => (reserve_cidr(opts).await, true),
+    };
+    let label = format!("{}::{}", opts.provisioner, scenario.name);
+    let cluster = opts.cluster_name(scenario);
     let mut handle: Option<ClusterHandle> = None;
-    let total = scenario.steps.len();
-    for (i, step) in scenario.steps.iter().enumerate() {
-        let description = step.describe();
+    let total = scenario.steps.len() + 1;
+    let steps = std::iter::once(None).chain(scenario.steps.iter().map(Some));
+    for (i, step) in steps.enumerate() {
+        let description = match step {
+            None => format!("{} on {cidr}", scenario.describe_cluster()),
+            Some(s) => s.describe(),
+        };
         let t = Instant::now();
         if opts.verbose {
-            eprintln!("[{}] step {}/{total}: {description}", scenario.name, i + 1);
+            eprintln!("[{label}] step {}/{total}: {description}", i + 1);
         }
-        let result = execute(&mut handle, step, opts, scenario.name).await;
+        let result = match step {
+            None => match create(scenario, opts, &cidr).await {
+                Ok(h) => {
+                    let detail = format!(
+                        "{} nodes in {:.1}s",
+                        h.created.state.nodes.len(),
+                        h.created.elapsed.as_secs_f64()
+                    );
+                    handle = Some(h);
+                    Ok(detail)
+                }
+                Err(e) => Err(e),
+            },
+            Some(step) => execute(&mut handle, step).await,
+        };
         let duration = t.elapsed();
         match result {
             Ok(detail) => {
                 if opts.verbose {
                     eprintln!(
-                        "[{}]   ok ({:.1}s){}",
-                        scenario.name,
+                        "[{label}]   ok ({:.1}s){}",
                         duration.as_secs_f64(),
                         if detail.is_empty() {
                             String::new()
@@ -430,8 +626,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
                 let reason = format!("{e:#}");
                 if opts.verbose {
                     eprintln!(
-                        "[{}]   FAILED ({:.1}s): {reason}",
-                        scenario.name,
+                        "[{label}]   FAILED ({:.1}s): {reason}",
                         duration.as_secs_f64()
                     );
                 }
@@ -441,12 +636,12 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
                     detail: String::new(),
                     error: Some(reason.clone()),
                 });
-                let artifacts = opts.artifacts.join(scenario.name);
-                let state_dir = opts.state_base.join(scenario.name);
+                let artifacts = opts.artifacts.join(label.replace("::", "-"));
+                let state_dir = opts.state_base.join(&cluster);
                 match &handle {
                     Some(h) => {
                         if let Err(e) = h.crash_dump(&artifacts).await {
-                            eprintln!("[{}] crash dump incomplete: {e:#}", scenario.name);
+                            eprintln!("[{label}] crash dump incomplete: {e:#}");
                         }
                     }
                     None => {
@@ -474,28 +669,75 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
     let keep = opts.keep_on_failure && matches!(report.outcome, Outcome::Failed { .. });
     if keep {
         eprintln!(
-            "[{}] keeping the cluster for inspection: kiln cluster destroy --name {} --state {}",
-            scenario.name,
-            scenario.name,
+            "[{label}] keeping the cluster for inspection: kiln cluster destroy --name {cluster} --state {}",
             opts.state_base.display()
         );
     } else {
         let destroyed = match handle {
             Some(h) => h.destroy().await,
             None => {
-                let dir = kiln_provisioner::state::StateDir::new(&opts.state_base, scenario.name);
-                match kiln_provisioner::provision::by_name(&opts.provisioner) {
-                    Ok(p) if dir.dir.exists() => {
-                        p.destroy(&dir, scenario.name, &Progress::plain()).await
-                    }
-                    _ => Ok(()),
-                }
+                // A create that failed halfway: its state names what it made.
+                let dir = kiln_provisioner::state::StateDir::new(&opts.state_base, &cluster);
+                kiln_provisioner::destroy::destroy(&dir, true, &Progress::plain())
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
             }
         };
         if let Err(e) = destroyed {
-            eprintln!("[{}] destroy failed: {e:#}", scenario.name);
+            eprintln!("[{label}] destroy failed: {e:#}");
         }
+    }
+    if reserved {
+        release_cidr(&cidr).await;
     }
     report.duration = started.elapsed();
     report
+}
+
+/// Runs every scenario on every provisioner, `jobs` trials at a time (each its own cluster on
+/// its own network); reports in the order of `scenarios` × `provisioners`. With more than one
+/// provisioner, clusters are named `<prefix><provisioner>-<scenario>` so trials never share a
+/// name.
+pub async fn run_many(
+    scenarios: &[Scenario],
+    provisioners: &[String],
+    opts: &RunOptions,
+    jobs: usize,
+) -> Vec<Report> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut tasks = Vec::new();
+    for s in scenarios {
+        for p in provisioners {
+            let mut o = opts.clone();
+            o.provisioner = p.clone();
+            if provisioners.len() > 1 {
+                o.name_prefix = format!("{}{p}-", opts.name_prefix);
+            }
+            let s = s.clone();
+            let slots = slots.clone();
+            tasks.push(tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                run(&s, &o).await
+            }));
+        }
+    }
+    let mut reports = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(r) => reports.push(r),
+            Err(e) => reports.push(Report {
+                scenario: "?".into(),
+                provisioner: "?".into(),
+                outcome: Outcome::Failed {
+                    step: "run".into(),
+                    reason: format!("the trial's task ended abnormally: {e}"),
+                    artifacts: opts.artifacts.clone(),
+                },
+                steps: vec![],
+                duration: Duration::ZERO,
+            }),
+        }
+    }
+    reports
 }

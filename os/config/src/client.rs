@@ -23,6 +23,10 @@ pub struct Context {
     pub crt: String,
     /// base64 PEM of the client key.
     pub key: String,
+    /// The lab state directory of a cluster that `kiln cluster create` made (so `kiln health`
+    /// finds its nodes wherever `--state` put it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<PathBuf>,
 }
 
 /// The whole file.

@@ -15,6 +15,9 @@ use crate::validate::{self, Mode, ValidationError};
 
 /// Installer image written into generated documents.
 pub const DEFAULT_INSTALLER_IMAGE: &str = concat!("kiln/installer:v", env!("CARGO_PKG_VERSION"));
+/// The node image of this Kiln version (the container the `docker` provisioner runs a node
+/// in), listed by `kiln image list`.
+pub const DEFAULT_NODE_IMAGE: &str = concat!("kiln/node:v", env!("CARGO_PKG_VERSION"));
 /// Install disk written into generated documents (virtio disk of the QEMU provisioner).
 pub const DEFAULT_INSTALL_DISK: &str = "/dev/vda";
 
@@ -140,6 +143,7 @@ fn base(input: &GenerateInput<'_>, machine_type: MachineType) -> MachineConfig {
                 ca: Some(s.certs.etcd.clone()),
                 extra_args: BTreeMap::new(),
             }),
+            extra_manifests: Vec::new(),
         },
     }
 }
@@ -192,6 +196,7 @@ pub fn generate(input: &GenerateInput<'_>) -> Result<GeneratedConfigs, GenerateE
         ca: input.secrets.certs.os.crt.clone(),
         crt: PemCertAndKey::from_pem(&admin.cert_pem, &admin.key_pem).crt,
         key: PemCertAndKey::from_pem(&admin.cert_pem, &admin.key_pem).key,
+        lab: None,
     };
     let client = ClientConfig {
         context: Some(input.cluster_name.to_owned()),

@@ -409,6 +409,10 @@ pub struct Cluster {
     /// etcd settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdConfig>,
+    /// URLs of extra Kubernetes manifests the control plane fetches and applies after
+    /// bootstrap (through the machine's proxy environment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_manifests: Vec<String>,
 }
 
 /// `cluster.controlPlane`.

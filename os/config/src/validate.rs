@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnetwork::IpNetwork;
 use kiln_pki::{CertificateAuthority, PemCertAndKey, ROLES, validate_token};
 
 use crate::types::{Device, MachineConfig, MachineType, Route};
@@ -363,8 +363,16 @@ fn pem_block_is(text: &str, tag: &str) -> Result<(), ()> {
     }
 }
 
+/// A CIDR with its prefix length (ipnetwork alone would read a bare address as a /32).
+fn parse_cidr(value: &str) -> Result<IpNetwork, String> {
+    if !value.contains('/') {
+        return Err("no prefix length".to_owned());
+    }
+    value.parse::<IpNetwork>().map_err(|e| e.to_string())
+}
+
 fn check_cidr(r: &mut Report, path: String, value: &str, example: &str) {
-    if let Err(e) = value.parse::<IpNet>() {
+    if let Err(e) = parse_cidr(value) {
         r.error(
             path,
             format!("{value:?} is not a valid CIDR ({e})"),
@@ -390,8 +398,8 @@ fn check_routes(r: &mut Report, base: &str, routes: &[Route]) {
                     "write the next hop's address, e.g. 10.0.0.1",
                 ),
                 Ok(gw) => {
-                    if let Ok(net) = route.network.parse::<IpNet>()
-                        && net.addr().is_ipv4() != gw.is_ipv4()
+                    if let Ok(net) = parse_cidr(&route.network)
+                        && net.ip().is_ipv4() != gw.is_ipv4()
                     {
                         r.error(
                             format!("{path}.gateway"),
@@ -733,6 +741,16 @@ fn check_files(config: &MachineConfig, r: &mut Report) {
 
 fn check_cluster(config: &MachineConfig, is_cp: bool, r: &mut Report) {
     let c = &config.cluster;
+    for (i, m) in c.extra_manifests.iter().enumerate() {
+        match url::Url::parse(m) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(_) | Err(_) => r.error(
+                format!("cluster.extraManifests[{i}]"),
+                format!("{m:?} is not an http or https URL"),
+                "write the manifest's URL, e.g. https://10.5.0.1:8001/debug.yaml",
+            ),
+        }
+    }
     if c.cluster_name.trim().is_empty() {
         r.error(
             "cluster.clusterName",

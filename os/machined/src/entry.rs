@@ -8,21 +8,26 @@ use std::sync::Arc;
 use crate::config_source::ConfigSources;
 use crate::logbuf::LogBuffer;
 use crate::node::{Node, NodeOptions};
-use crate::platform::{Platform, Power, ProcessPlatform};
+use crate::platform::{
+    ContainerPlatform, MetalPlatform, Platform, PlatformKind, Power, ProcessPlatform,
+};
 use kiln_os_api::contract::{CONFIG_DATA_ENV, CONFIG_ENV, EXIT_REBOOT};
 
 /// The init of Kiln OS.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Platform: process (metal and container come with their provisioners).
-    #[arg(long, default_value = "process")]
-    pub platform: String,
-    /// Root directory of the node's volumes (process platform).
-    #[arg(long)]
-    pub root: PathBuf,
-    /// Address the API and etcd listen on and advertise.
-    #[arg(long)]
-    pub address: IpAddr,
+    /// Platform: process, container (the entrypoint of a Kiln OS node image), or metal (PID 1
+    /// of a machine; chosen by itself when run as PID 1).
+    #[arg(long, value_enum, default_value_t = PlatformKind::Process)]
+    pub platform: PlatformKind,
+    /// Root directory of the node's volumes (process platform; on container, where the
+    /// volumes are mounted).
+    #[arg(long, required_if_eq_any([("platform", "process"), ("platform", "container")]))]
+    pub root: Option<PathBuf>,
+    /// Address the API and etcd listen on and advertise (process platform; a container uses
+    /// the address Docker gave it, metal learns it by DHCP).
+    #[arg(long, required_if_eq("platform", "process"))]
+    pub address: Option<IpAddr>,
     /// Host name when the configuration gives none.
     #[arg(long)]
     pub hostname: Option<String>,
@@ -35,6 +40,14 @@ pub struct Args {
     /// Control-plane node to join etcd through, besides the control-plane endpoint.
     #[arg(long = "join-peer")]
     pub join_peers: Vec<String>,
+    /// Kernel command line of the node (`kiln.config=URL`, `kiln.config.oauth.*`), as the
+    /// node launcher gives it.
+    #[arg(long, value_name = "ARGS")]
+    pub kernel_cmdline: Option<String>,
+    /// The node image directory (extension services under `usr/local/etc/containers`);
+    /// default: `image` under `--root`.
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
     /// etcd binary.
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: String,
@@ -68,6 +81,10 @@ impl std::io::Write for TeeWriter<'_> {
 
 /// Runs machined until it powers off or reboots; returns the exit code for the launcher.
 pub fn run(args: Args) -> i32 {
+    if args.platform == PlatformKind::Container && crate::pid1::is_container_init() {
+        return crate::pid1::supervise();
+    }
+    crate::pid1::unblock_inherited_signals();
     let console = Arc::new(LogBuffer::new(4 << 20));
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -77,25 +94,41 @@ pub fn run(args: Args) -> i32 {
         .with_target(false)
         .with_writer(Tee(console.clone()))
         .init();
-    if args.platform != "process" {
-        eprintln!(
-            "machined: platform {:?} is not available in this build; use --platform process",
-            args.platform
-        );
-        return 2;
-    }
-    let platform: Arc<dyn Platform> = Arc::new(ProcessPlatform::new(
-        args.root.clone(),
-        args.address,
-        args.hostname.clone(),
-    ));
+    let platform: Arc<dyn Platform> = match (args.platform, &args.root, args.address) {
+        (PlatformKind::Process, Some(root), Some(address)) => {
+            let mut p = ProcessPlatform::new(root.clone(), address, args.hostname.clone())
+                .with_kernel_cmdline(args.kernel_cmdline.clone());
+            if let Some(image) = &args.image_dir {
+                p = p.with_image_root(image.clone());
+            }
+            Arc::new(p)
+        }
+        (PlatformKind::Process, _, _) => {
+            eprintln!("machined: the process platform needs --root and --address");
+            return 2;
+        }
+        (PlatformKind::Container, Some(root), _) => {
+            Arc::new(ContainerPlatform::new(root.clone(), args.hostname.clone()))
+        }
+        (PlatformKind::Container, None, _) => {
+            eprintln!("machined: the container platform needs --root");
+            return 2;
+        }
+        (PlatformKind::Metal, _, _) => Arc::new(MetalPlatform::new()),
+    };
     let sources = ConfigSources {
         file: args.config.clone(),
         data_env: std::env::var(CONFIG_DATA_ENV).ok(),
         location: args.config_url.clone(),
+        kernel_url: None,
+        ..ConfigSources::default()
     };
+    let mut join_peers = args.join_peers.clone();
+    if args.platform == PlatformKind::Metal {
+        join_peers.extend(crate::platform::metal::kernel_join_peers());
+    }
     let options = NodeOptions {
-        join_peers: args.join_peers.clone(),
+        join_peers,
         etcd_bin: args.etcd_bin.clone(),
         etcdctl_bin: args.etcdctl_bin.clone(),
     };
@@ -111,8 +144,33 @@ pub fn run(args: Args) -> i32 {
         }
     };
     let code = runtime.block_on(async move {
-        let (node, power_rx) = Node::new(platform.clone(), console, options);
+        let (node, power_rx) = Node::new(platform.clone(), console.clone(), options);
+        // Every event is also a console line the lab can read without the API.
+        node.events.attach_console(move |line| {
+            let line = format!("{line}\n");
+            console.write(line.as_bytes());
+            use std::io::Write as _;
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        });
+        if platform.kind() == PlatformKind::Metal {
+            // The ACPI power button (QMP system_powerdown) powers off cleanly.
+            let n = node.clone();
+            let handle = tokio::runtime::Handle::current();
+            let buttons = crate::platform::metal::button::watch(move || {
+                let n = n.clone();
+                handle.spawn(async move {
+                    n.request_power(crate::node::PowerRequest {
+                        power: Power::Shutdown,
+                        wipe: vec![],
+                        reason: "ACPI power button".into(),
+                    })
+                    .await;
+                });
+            });
+            tracing::info!(buttons, "watching the power button");
+        }
         let boot = tokio::spawn(crate::boot::run(node.clone(), sources, power_rx));
+        tokio::spawn(crate::upgrade::after_boot(node.clone()));
         let signal = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
@@ -122,17 +180,17 @@ pub fn run(args: Args) -> i32 {
         };
         tokio::select! {
             result = boot => match result {
-                Ok(power) => platform.exit_code(power),
+                Ok(power) => platform.power(power),
                 Err(e) => {
                     // PID 1 never just dies: a panic reboots the node.
                     tracing::error!("machined panicked: {e}; rebooting");
-                    platform.exit_code(Power::Reboot)
+                    platform.power(Power::Reboot)
                 }
             },
             () = signal => {
                 node.request_power(crate::node::PowerRequest { power: Power::Shutdown, wipe: vec![], reason: "SIGTERM".into() }).await;
                 node.supervisor.stop_all().await;
-                platform.exit_code(Power::Shutdown)
+                platform.power(Power::Shutdown)
             }
         }
     });

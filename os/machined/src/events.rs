@@ -1,11 +1,16 @@
-//! The node's event stream: boot phases and service transitions, each with a timestamp and a
-//! message, kept in a bounded history and followable (the `events` / `dmesg` API).
+//! The node's event stream: boot phases, waits and service transitions, each with a timestamp
+//! and a message, kept in a bounded history and followable (the `events` / `dmesg` API). Once a
+//! console is attached ([`EventBus::attach_console`]) every event is also printed there as one
+//! [`ConsoleEvent`] line, which the lab reads when the API cannot be reached.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
+use kiln_os_api::contract::ConsoleEvent;
 use tokio::sync::broadcast;
+
+use crate::node::Stage;
 
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +34,16 @@ impl EventKind {
     }
 }
 
+impl From<EventKind> for kiln_os_api::pb::EventKind {
+    fn from(k: EventKind) -> Self {
+        match k {
+            EventKind::Machine => Self::Machine,
+            EventKind::Service => Self::Service,
+            EventKind::Config => Self::Config,
+        }
+    }
+}
+
 /// One event.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -42,12 +57,18 @@ pub struct Event {
     pub message: String,
     /// When it happened.
     pub at: SystemTime,
+    /// The machine's stage when it happened.
+    pub stage: Stage,
 }
 
+/// Where console lines go (machined's stderr and the `dmesg` buffer).
+type ConsoleSink = Box<dyn Fn(&str) + Send + Sync>;
+
 /// Bounded event history with live followers.
-#[derive(Debug)]
 pub struct EventBus {
+    console: OnceLock<ConsoleSink>,
     history: Mutex<VecDeque<Event>>,
+    stage: Mutex<Stage>,
     capacity: usize,
     tx: broadcast::Sender<Event>,
 }
@@ -57,7 +78,9 @@ impl EventBus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(1024);
         Self {
+            console: OnceLock::new(),
             history: Mutex::new(VecDeque::new()),
+            stage: Mutex::new(Stage::Booting),
             capacity,
             tx,
         }
@@ -71,8 +94,12 @@ impl EventBus {
             state: state.to_owned(),
             message: message.into(),
             at: SystemTime::now(),
+            stage: *self.stage.lock().unwrap_or_else(|e| e.into_inner()),
         };
         tracing::info!(kind = kind.as_str(), id, state, "{}", event.message);
+        if let Some(console) = self.console.get() {
+            console(&event.console_line());
+        }
         let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         h.push_back(event.clone());
         while h.len() > self.capacity {
@@ -81,12 +108,47 @@ impl EventBus {
         let _ = self.tx.send(event);
     }
 
+    /// Prints every later event on `console` as a [`ConsoleEvent`] line. The first console
+    /// attached stays.
+    pub fn attach_console(&self, console: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.console.set(Box::new(console));
+    }
+
+    /// Sets the stage later events carry.
+    pub fn set_stage(&self, stage: Stage) {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = stage;
+    }
+
     /// The last `n` events (all with `None`) and a receiver for later ones.
     pub fn tail(&self, n: Option<usize>) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let skip = n.map_or(0, |n| h.len().saturating_sub(n));
         (h.iter().skip(skip).cloned().collect(), rx)
+    }
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("capacity", &self.capacity)
+            .field("console", &self.console.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Event {
+    /// The event as a console line.
+    pub fn console_line(&self) -> String {
+        ConsoleEvent {
+            unix_millis: u64::try_from(unix_millis(self.at)).unwrap_or(0),
+            stage: kiln_os_api::pb::Stage::from(self.stage).name().to_owned(),
+            message: match self.kind {
+                EventKind::Service => format!("service {} {}", self.id, self.message),
+                EventKind::Machine | EventKind::Config => self.message.clone(),
+            },
+        }
+        .line()
     }
 }
 

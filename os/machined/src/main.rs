@@ -11,6 +11,21 @@ struct Cli {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // The kernel starts /init with no `--platform` (and PID 1 re-executes itself with
+    // `--platform metal`); a container's entrypoint, also PID 1, names `container`.
+    let args: Vec<String> = std::env::args().collect();
+    let platform = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--platform=")
+            .map(str::to_owned)
+            .or_else(|| (a == "--platform").then(|| args.get(i + 1).cloned().unwrap_or_default()))
+    });
+    let metal = platform.as_deref().is_none_or(|p| p == "metal");
+    let cli = if kiln_machined::platform::metal::is_pid1() && metal {
+        // The kernel started us as /init: become the machine's init, and run the node in the
+        // child PID 1 forks.
+        Cli::parse_from(kiln_machined::platform::metal::init::pid1())
+    } else {
+        Cli::parse()
+    };
     std::process::exit(kiln_machined::entry::run(cli.args));
 }

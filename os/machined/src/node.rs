@@ -2,6 +2,7 @@
 //! logs, credentials, stage) and the power requests that end a boot.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_config::{MachineConfig, MachineType};
@@ -36,13 +37,19 @@ pub enum Stage {
 impl Stage {
     /// Name as the API shows it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Booting => "booting",
-            Self::Maintenance => "maintenance",
-            Self::Running => "running",
-            Self::Resetting => "resetting",
-            Self::Rebooting => "rebooting",
-            Self::ShuttingDown => "shutting down",
+        kiln_os_api::pb::Stage::from(self).name()
+    }
+}
+
+impl From<Stage> for kiln_os_api::pb::Stage {
+    fn from(s: Stage) -> Self {
+        match s {
+            Stage::Booting => Self::Booting,
+            Stage::Maintenance => Self::Maintenance,
+            Stage::Running => Self::Running,
+            Stage::Resetting => Self::Resetting,
+            Stage::Rebooting => Self::Rebooting,
+            Stage::ShuttingDown => Self::ShuttingDown,
         }
     }
 }
@@ -96,6 +103,8 @@ pub struct Node {
     power: mpsc::Sender<PowerRequest>,
     credentials: RwLock<Option<NodeCredentials>>,
     clients: Mutex<HashMap<String, Channel>>,
+    address: watch::Sender<Option<IpAddr>>,
+    addresses: RwLock<Vec<IpAddr>>,
     /// A `try` apply waiting to be reverted.
     pub try_revert: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Signalled when a configuration arrives in maintenance mode.
@@ -141,6 +150,8 @@ impl Node {
             power,
             credentials: RwLock::new(None),
             clients: Mutex::new(HashMap::new()),
+            address: watch::Sender::new(None),
+            addresses: RwLock::new(Vec::new()),
             try_revert: Mutex::new(None),
             config_applied: tokio::sync::Notify::new(),
         });
@@ -190,6 +201,38 @@ impl Node {
             .unwrap_or_else(|| self.platform.default_hostname())
     }
 
+    /// The address the API and etcd bind and advertise, as the platform gave it at boot;
+    /// the unspecified address until then (nothing binds before the boot sets it).
+    pub fn address(&self) -> IpAddr {
+        self.address
+            .borrow()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Sets the node's address (the boot, once the platform has one).
+    pub fn set_address(&self, address: IpAddr) {
+        self.address.send_replace(Some(address));
+    }
+
+    /// The node's addresses after the network configuration (its address until then).
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let list = self
+            .addresses
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if list.is_empty() {
+            vec![self.address()]
+        } else {
+            list
+        }
+    }
+
+    /// Records the addresses the network configuration gave.
+    pub fn set_addresses(&self, addresses: Vec<IpAddr>) {
+        *self.addresses.write().unwrap_or_else(|e| e.into_inner()) = addresses;
+    }
+
     /// Current stage.
     pub fn stage(&self) -> Stage {
         *self.stage.borrow()
@@ -197,6 +240,7 @@ impl Node {
 
     /// Changes the stage (an event).
     pub fn set_stage(&self, stage: Stage) {
+        self.events.set_stage(stage);
         if self.stage.send_replace(stage) != stage {
             self.events.publish(
                 EventKind::Machine,
@@ -237,7 +281,7 @@ impl Node {
     /// Whether `target` (an address or host name from a `nodes` list) is this node.
     pub fn is_self(&self, target: &str) -> bool {
         let (host, _) = kiln_os_api::client::host_port(target, kiln_os_api::contract::API_PORT);
-        host == self.platform.address().to_string() || host == self.hostname()
+        host == self.address().to_string() || host == self.hostname()
     }
 
     /// A channel to another node's API, authenticated as a forwarding node.

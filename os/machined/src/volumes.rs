@@ -17,6 +17,9 @@ pub struct Volumes {
     pub meta: PathBuf,
     /// Scratch space recreated at every boot (certificates issued at boot, sockets).
     pub run: PathBuf,
+    /// The machine's `/proc`, readable through the file API where the node is the machine
+    /// (`metal`); `None` where `/proc` would be the host's.
+    pub proc: Option<PathBuf>,
 }
 
 /// A volume label that is not STATE, EPHEMERAL or META.
@@ -32,6 +35,7 @@ impl Volumes {
             ephemeral: root.join("ephemeral"),
             meta: root.join("meta"),
             run: root.join("run"),
+            proc: None,
         }
     }
 
@@ -94,12 +98,16 @@ impl Volumes {
     }
 
     /// The virtual paths the file API serves, and where they are.
-    pub fn file_roots(&self) -> [(&'static str, &Path); 3] {
-        [
-            ("/system/state", &self.state),
-            ("/var", &self.ephemeral),
-            ("/system/meta", &self.meta),
-        ]
+    pub fn file_roots(&self) -> Vec<(&'static str, &Path)> {
+        let mut roots = vec![
+            ("/system/state", self.state.as_path()),
+            ("/var", self.ephemeral.as_path()),
+            ("/system/meta", self.meta.as_path()),
+        ];
+        if let Some(p) = &self.proc {
+            roots.push(("/proc", p.as_path()));
+        }
+        roots
     }
 
     /// All labels, for messages.

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use kiln_os_api::pb;
+use kiln_os_api::wait::{Poll, until};
 use kiln_pki::{ROLE_ADMIN, ROLE_OPERATOR, ROLE_READER};
-use support::{EXIT_OFF, Lab, eventually, have_etcd};
+use kiln_test_tiers::Tier;
+use support::{EXIT_OFF, Lab, eventually};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_control_plane_nodes_bootstrap_once() {
-    if !have_etcd() {
-        return;
-    }
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
     let mut lab = Lab::new(21);
     for _ in 0..3 {
         lab.start(Some("controlplane.yaml"));
@@ -65,9 +65,7 @@ async fn three_control_plane_nodes_bootstrap_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_and_certificates_are_enforced() {
-    if !have_etcd() {
-        return;
-    }
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
     let mut lab = Lab::new(22);
     lab.start(Some("controlplane.yaml"));
     let mut reader = lab.client(0, ROLE_READER).await;
@@ -159,9 +157,7 @@ async fn roles_and_certificates_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_mode_accepts_insecure_apply_and_boots() {
-    if !have_etcd() {
-        return;
-    }
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
     let mut lab = Lab::new(23);
     lab.start(None);
     let addr = lab.address(0).to_string();
@@ -274,21 +270,39 @@ async fn upload(
     >,
     data: &[u8],
 ) {
-    let chunks: Vec<pb::DataChunk> = data
-        .chunks(256 * 1024)
+    c.etcd_recover(futures::stream::iter(chunks(data)))
+        .await
+        .unwrap();
+}
+
+/// A snapshot as upload chunks.
+fn chunks(data: &[u8]) -> Vec<pb::DataChunk> {
+    data.chunks(256 * 1024)
         .map(|b| pb::DataChunk {
             metadata: None,
             bytes: b.to_vec(),
         })
-        .collect();
-    c.etcd_recover(futures::stream::iter(chunks)).await.unwrap();
+        .collect()
+}
+
+/// `reset --graceful=false --reboot --system-labels-to-wipe=EPHEMERAL` on `nodes`, one after
+/// the other (quorum is gone after the first, so not graceful).
+async fn reset_ephemeral(lab: &Lab, nodes: &[usize]) {
+    for &i in nodes {
+        let mut c = lab.client(i, ROLE_ADMIN).await;
+        c.reset(pb::ResetRequest {
+            graceful: false,
+            reboot: true,
+            system_labels_to_wipe: vec!["EPHEMERAL".into()],
+        })
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_wipe_and_recover_keeps_every_key() {
-    if !have_etcd() {
-        return;
-    }
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
     let mut lab = Lab::new(24);
     for _ in 0..3 {
         lab.start(Some("controlplane.yaml"));
@@ -317,47 +331,13 @@ async fn snapshot_wipe_and_recover_keeps_every_key() {
     assert_eq!(status["hash"].as_u64().unwrap(), u64::from(info.hash));
 
     // Wipe EPHEMERAL everywhere (quorum is gone after the first; not graceful) and reboot.
-    for i in 0..3 {
-        let mut c = lab.client(i, ROLE_ADMIN).await;
-        c.reset(pb::ResetRequest {
-            graceful: false,
-            reboot: true,
-            system_labels_to_wipe: vec!["EPHEMERAL".into()],
-        })
-        .await
-        .unwrap();
-    }
+    reset_ephemeral(&lab, &[0, 1, 2]).await;
     for i in 0..3 {
         lab.wait_exit(i, kiln_os_api::contract::EXIT_REBOOT, 1)
             .await;
     }
     let mut c0 = lab.client(0, ROLE_ADMIN).await;
-    eventually(
-        "etcd to wait for bootstrap after the wipe",
-        Duration::from_secs(30),
-        || {
-            let mut c = c0.clone();
-            async move {
-                let s = c
-                    .service_list(pb::Empty {})
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                let st = &s.messages[0]
-                    .services
-                    .iter()
-                    .find(|s| s.id == "etcd")
-                    .ok_or("no etcd")?
-                    .state;
-                if st == "Preparing" {
-                    Ok(())
-                } else {
-                    Err(st.clone())
-                }
-            }
-        },
-    )
-    .await;
+    lab.wait_etcd_preparing(&c0).await;
 
     // A snapshot whose integrity hash is broken is refused unless the check is skipped.
     let mut corrupt = data.clone();
@@ -395,11 +375,93 @@ async fn snapshot_wipe_and_recover_keeps_every_key() {
     );
 }
 
+/// Sends `call` to node `i` (a new connection each time: the node reboots under it) until it
+/// answers; only "unavailable" (the node is still resetting, or not back yet) is retried, and
+/// any other refusal fails the test with the node's answer.
+async fn while_unavailable<T, F, Fut>(lab: &Lab, i: usize, what: &str, call: F) -> T
+where
+    F: Fn(
+        kiln_os_api::pb::machine_service_client::MachineServiceClient<tonic::transport::Channel>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let creds = lab.credentials(ROLE_ADMIN);
+    let addr = lab.address(i).to_string();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let result = until(
+        what,
+        Poll::every(Duration::from_millis(200), Duration::from_secs(60)),
+        || {
+            let (creds, addr, call, seen) = (creds.clone(), addr.clone(), &call, &seen);
+            async move {
+                let ch = kiln_os_api::client::connect(&addr, &creds)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match call(kiln_os_api::client::machine_client(ch)).await {
+                    Ok(v) => Ok(v),
+                    Err(s) if s.code() == Code::Unavailable => {
+                        seen.lock().unwrap().push(s.message().to_owned());
+                        Err(s.message().to_owned())
+                    }
+                    Err(s) => panic!("{what}: refused with {:?}: {}", s.code(), s.message()),
+                }
+            }
+        },
+    )
+    .await;
+    match result {
+        Ok(v) => v,
+        Err(e) => panic!("{e}; answers: {:?}", seen.lock().unwrap()),
+    }
+}
+
+/// The guides' sequence back to back: `reset --graceful=false --reboot
+/// --system-labels-to-wipe=EPHEMERAL` on every control-plane node, then at once `bootstrap
+/// --recover-from`. The upload must not be refused because the wipe is still running ("etcd
+/// has data"): the node says it is still resetting (unavailable, retried) until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_right_after_reset_keeps_every_key() {
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
+    let mut lab = Lab::new(26);
+    for _ in 0..3 {
+        lab.start(Some("controlplane.yaml"));
+    }
+    lab.bootstrap_and_wait(0, &[0, 1, 2]).await;
+    let keys = write_keys(&lab, &[0, 1, 2], "/at-once", 200).await;
+    let mut c0 = lab.client(0, ROLE_ADMIN).await;
+    let (data, _) = snapshot(&mut c0).await;
+
+    reset_ephemeral(&lab, &[0, 1, 2]).await;
+    // At once: upload, then bootstrap from it.
+    let chunks = chunks(&data);
+    while_unavailable(&lab, 0, "the snapshot upload", |mut c| {
+        let chunks = chunks.clone();
+        async move { c.etcd_recover(futures::stream::iter(chunks)).await }
+    })
+    .await;
+    let c0 = lab.client(0, ROLE_ADMIN).await;
+    lab.wait_etcd_preparing(&c0).await;
+    while_unavailable(&lab, 0, "bootstrap --recover-from", |mut c| async move {
+        c.bootstrap(pb::BootstrapRequest {
+            recover_etcd: true,
+            recover_skip_hash_check: false,
+        })
+        .await
+    })
+    .await;
+    lab.wait_members(&[0, 1, 2]).await;
+    let missing = missing_keys(&lab, &[0, 1, 2], &keys).await;
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged keys lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_etcd_is_restarted_and_a_power_cycle_keeps_config_and_data() {
-    if !have_etcd() {
-        return;
-    }
+    kiln_test_tiers::skip_unless!(Tier::Etcd);
     let mut lab = Lab::new(25);
     lab.start(Some("controlplane.yaml"));
     lab.bootstrap_and_wait(0, &[0]).await;
@@ -429,7 +491,7 @@ async fn killed_etcd_is_restarted_and_a_power_cycle_keeps_config_and_data() {
                 .cloned()
                 .ok_or("no etcd")?;
             let healthy = etcd.health.as_ref().is_some_and(|h| h.healthy);
-            if etcd.restarts >= 1 && etcd.state == "Running" && healthy {
+            if etcd.restarts >= 1 && etcd.state() == pb::ServiceState::Running && healthy {
                 Ok(etcd.events)
             } else {
                 Err(format!("{etcd:?}"))
@@ -439,7 +501,7 @@ async fn killed_etcd_is_restarted_and_a_power_cycle_keeps_config_and_data() {
     .await;
     let text: Vec<String> = events
         .iter()
-        .map(|e| format!("[{}]: {}", e.state, e.message))
+        .map(|e| format!("[{}]: {}", e.state(), e.message))
         .collect();
     assert!(
         text.iter()

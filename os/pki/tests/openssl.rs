@@ -9,14 +9,7 @@ use std::process::Command;
 use kiln_pki::{CertificateAuthority, KeyAlgorithm, LeafRequest, ROLE_ADMIN, SecretsBundle, Usage};
 
 fn have_openssl() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("skipped: openssl is not installed (scripts/install-deps installs it)");
-    }
-    ok
+    kiln_test_tiers::check(module_path!(), &[kiln_test_tiers::Tier::Openssl])
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> String {

@@ -63,14 +63,7 @@ fn yaml(path: &Path) -> serde_yaml::Value {
 }
 
 fn have_openssl() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("skipped: openssl is not installed (scripts/install-deps installs it)");
-    }
-    ok
+    kiln_test_tiers::check(module_path!(), &[kiln_test_tiers::Tier::Openssl])
 }
 
 #[test]
@@ -598,4 +591,63 @@ fn bad_input_is_an_error_not_a_panic() {
     fails(d, &["config", "merge", "empty.yaml"], &["is empty"]);
     fails(d, &["gen"], &["Usage"]);
     fails(d, &["frobnicate"], &["unrecognized subcommand"]);
+}
+
+/// `kiln scenario validate` and `run` on a file with three mistakes: all three reported with
+/// their lines and columns, and nothing run (no cluster state appears).
+#[test]
+fn scenario_files_with_mistakes_report_each_and_run_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("bad.yaml"),
+        "name: scen-bad\n\
+         description: three mistakes\n\
+         cluster:\n  nodes:\n    - role: controlplane\n\
+         steps:\n  - powerOf: controlplane-1\n  - powerOff: worker-1\n  - writeKeys: {}\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("binary.yaml"), [0xff, 0xfe, 0x00, 0x01]).unwrap();
+    let r = kiln(d, &["scenario", "validate", "bad.yaml"]);
+    assert_ne!(r.code, 0);
+    for needle in [
+        "bad.yaml: 3 problem(s)",
+        "bad.yaml:7:5: unknown step \"powerOf\"",
+        "bad.yaml:8:15: step powerOff: the cluster has no worker-1",
+        "bad.yaml:9:16: step writeKeys: missing field `count`",
+    ] {
+        assert!(
+            r.stderr.contains(needle),
+            "{needle:?} not in:\n{}",
+            r.stderr
+        );
+    }
+    assert!(r.stderr.contains("nothing was run"), "{}", r.stderr);
+    let state = d.join("state");
+    let r = kiln(
+        d,
+        &[
+            "scenario",
+            "run",
+            "bad.yaml",
+            "--state",
+            &state.display().to_string(),
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("bad.yaml:7:5"), "{}", r.stderr);
+    assert!(!state.exists(), "a cluster was started");
+    fails(
+        d,
+        &["scenario", "validate", "binary.yaml"],
+        &["binary.yaml"],
+    );
+    fails(
+        d,
+        &["scenario", "validate", "missing.yaml"],
+        &["missing.yaml"],
+    );
+    let builtin = ok(d, &["scenario", "show", "etcd-maintenance"]);
+    std::fs::write(d.join("maint.yaml"), builtin).unwrap();
+    assert!(ok(d, &["scenario", "validate", "maint.yaml"]).contains("maint.yaml: ok"));
 }

@@ -6,7 +6,7 @@ pub mod netlink;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnetwork::Ipv4Network as Ipv4Net;
 
 use crate::state::NetworkMode;
 
@@ -71,25 +71,15 @@ pub enum PlanError {
     },
 }
 
-/// IPv4 routes of this host (destination, device), from /proc/net/route.
-pub fn host_routes() -> Vec<(Ipv4Net, String)> {
-    let Ok(text) = std::fs::read_to_string("/proc/net/route") else {
-        return Vec::new();
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
-            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
-            let dest = Ipv4Addr::from(u32::from_be(dest));
-            let prefix = u32::from_be(mask).leading_ones() as u8;
-            if prefix == 0 {
-                return None; // the default route overlaps everything; it is not a conflict
-            }
-            Some((Ipv4Net::new(dest, prefix).ok()?, (*f.first()?).to_owned()))
-        })
-        .collect()
+/// IPv4 routes of this host's main table (destination, device), from a netlink dump; the
+/// default route is left out (it overlaps everything and is no conflict).
+pub async fn host_routes() -> Result<Vec<(Ipv4Net, String)>, netlink::NetlinkError> {
+    let handle = netlink::connect()?;
+    Ok(netlink::routes_v4(&handle)
+        .await?
+        .into_iter()
+        .filter_map(|(dest, prefix, dev)| Some((Ipv4Net::new(dest, prefix).ok()?, dev)))
+        .collect())
 }
 
 /// CIDRs of the other clusters under `base`.
@@ -108,7 +98,19 @@ pub fn other_clusters(base: &Path, except: &str) -> Vec<(String, Ipv4Net)> {
 }
 
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// The usable host addresses of `net` (all but the network and broadcast addresses, except
+/// in /31 and /32).
+fn hosts(net: &Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+    let (first, last) = (u32::from(net.network()), u32::from(net.broadcast()));
+    let (first, last) = if net.prefix() >= 31 {
+        (first, last)
+    } else {
+        (first + 1, last - 1)
+    };
+    (first..=last).map(Ipv4Addr::from)
 }
 
 /// A free /24 in 10.5.0.0/16 .. 10.254.0.0/16 for suggestions.
@@ -126,23 +128,25 @@ fn suggest(taken: &[Ipv4Net]) -> String {
     "10.99.0.0/24".to_owned()
 }
 
-/// Checks `cidr` and reserves the gateway and `count` node addresses.
+/// Checks `cidr` against the host's `routes` (bridge mode) and the other clusters under
+/// `base`, and reserves the gateway and `count` node addresses.
 pub fn plan(
     cidr: &str,
     count: usize,
     mode: NetworkMode,
     base: &Path,
     cluster: &str,
+    routes: &[(Ipv4Net, String)],
 ) -> Result<Plan, PlanError> {
     let net: Ipv4Net = cidr
         .parse()
         .map_err(|_| PlanError::Invalid(cidr.to_owned()))?;
-    let net = net.trunc();
+    let net = Ipv4Net::new(net.network(), net.prefix())
+        .map_err(|_| PlanError::Invalid(cidr.to_owned()))?;
     let mut taken: Vec<Ipv4Net> = Vec::new();
     let others = other_clusters(base, cluster);
     taken.extend(others.iter().map(|(_, n)| *n));
     if mode == NetworkMode::Bridge {
-        let routes = host_routes();
         taken.extend(routes.iter().map(|(n, _)| *n));
         // Our own bridge from an earlier, destroyed-but-leftover run is not a conflict: the
         // bridge name is checked when it is created.
@@ -163,7 +167,7 @@ pub fn plan(
             suggestion: suggest(&taken),
         });
     }
-    let room = net.hosts().count().saturating_sub(1);
+    let room = hosts(&net).count().saturating_sub(1);
     if room < count {
         return Err(PlanError::TooSmall {
             cidr: net.to_string(),
@@ -182,7 +186,7 @@ pub fn plan(
             }
         }
     };
-    let mut hosts = net.hosts();
+    let mut hosts = hosts(&net);
     let gateway = map(hosts.next().ok_or_else(|| PlanError::TooSmall {
         cidr: net.to_string(),
         room: 0,
@@ -197,26 +201,35 @@ pub fn plan(
     })
 }
 
-/// Bridge name for a cluster: `kiln` and 8 hex digits of a hash of the name (15 characters
-/// at most, the kernel's limit).
-pub fn bridge_name(cluster: &str) -> String {
-    format!("kiln{:08x}", fnv(cluster) as u32)
+/// A free /24 for a test or a second cluster: the first in 10.5.0.0/16 .. 10.254.0.0/16 that
+/// overlaps neither a host route nor a cluster under `base`, at or after `10.<second>.0.0`.
+pub async fn free_cidr(base: &Path, from_second: u8) -> String {
+    free_cidr_excluding(base, from_second, &[]).await
 }
 
-/// Host-side veth name for node `index` of `cluster`.
-pub fn veth_name(cluster: &str, index: usize) -> String {
-    format!("kv{:06x}n{index}", (fnv(cluster) as u32) & 0xff_ffff)
-}
-
-/// Network namespace name for a node (node names start with the cluster name).
-pub fn netns_name(node: &str) -> String {
-    format!("kiln-{node}")
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
+/// As [`free_cidr`], also avoiding `reserved` (networks handed out to clusters not created
+/// yet, as when scenarios start in parallel).
+pub async fn free_cidr_excluding(base: &Path, from_second: u8, reserved: &[Ipv4Net]) -> String {
+    let mut taken: Vec<Ipv4Net> = reserved.to_vec();
+    taken.extend(
+        host_routes()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n),
+    );
+    taken.extend(other_clusters(base, "").into_iter().map(|(_, n)| n));
+    for second in from_second.max(5)..=254 {
+        for third in 0u8..=255 {
+            let Ok(net) = Ipv4Net::new(Ipv4Addr::new(10, second, third, 0), 24) else {
+                continue;
+            };
+            if !taken.iter().any(|t| overlaps(t, &net)) {
+                return net.to_string();
+            }
+        }
+    }
+    suggest(&taken)
 }
 
 #[cfg(test)]
@@ -224,25 +237,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_fit_the_kernel_limit() {
-        let long = "a-very-long-cluster-name-indeed";
-        assert!(bridge_name(long).len() <= 15);
-        assert!(veth_name(long, 29).len() <= 15);
-        assert_ne!(bridge_name("a"), bridge_name("b"));
+    fn a_host_route_is_refused_with_a_free_suggestion() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = vec![("10.77.0.0/24".parse().unwrap(), "br-test".to_owned())];
+        let err = plan(
+            "10.77.0.0/16",
+            2,
+            NetworkMode::Bridge,
+            dir.path(),
+            "x",
+            &routes,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("overlaps the host route 10.77.0.0/24 (dev br-test)"),
+            "{err}"
+        );
+        assert!(err.contains("--cidr 10.5.0.0/24"), "{err}");
+        plan(
+            "10.78.0.0/24",
+            2,
+            NetworkMode::Bridge,
+            dir.path(),
+            "x",
+            &routes,
+        )
+        .unwrap();
     }
 
     #[test]
     fn plan_reserves_gateway_and_nodes() {
         let dir = tempfile::tempdir().unwrap();
-        let p = plan("10.5.0.0/24", 5, NetworkMode::Loopback, dir.path(), "x").unwrap();
+        let p = plan(
+            "10.5.0.0/24",
+            5,
+            NetworkMode::Loopback,
+            dir.path(),
+            "x",
+            &[],
+        )
+        .unwrap();
         assert_eq!(p.gateway.to_string(), "127.5.0.1");
         assert_eq!(p.nodes[4].to_string(), "127.5.0.6");
-        let err = plan("10.5.0.0/30", 5, NetworkMode::Loopback, dir.path(), "x")
-            .unwrap_err()
-            .to_string();
+        let err = plan(
+            "10.5.0.0/30",
+            5,
+            NetworkMode::Loopback,
+            dir.path(),
+            "x",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("room for 1 nodes"), "{err}");
         assert!(
-            plan("nope", 1, NetworkMode::Loopback, dir.path(), "x")
+            plan("nope", 1, NetworkMode::Loopback, dir.path(), "x", &[])
                 .unwrap_err()
                 .to_string()
                 .contains("10.5.0.0/24")
@@ -263,6 +313,8 @@ mod tests {
                 gateway: "127.5.0.1".parse().unwrap(),
                 bridge: None,
                 mtu: 1500,
+                firewall: vec![],
+                airgapped: false,
             },
             nodes: vec![],
             helpers: vec![],
@@ -276,6 +328,7 @@ mod tests {
             NetworkMode::Loopback,
             dir.path(),
             "second",
+            &[],
         )
         .unwrap_err()
         .to_string();
@@ -283,6 +336,14 @@ mod tests {
             err.contains("overlaps cluster \"first\"") && err.contains("--cidr 10.5.1.0/24"),
             "{err}"
         );
-        plan("10.5.0.0/24", 2, NetworkMode::Loopback, dir.path(), "first").unwrap();
+        plan(
+            "10.5.0.0/24",
+            2,
+            NetworkMode::Loopback,
+            dir.path(),
+            "first",
+            &[],
+        )
+        .unwrap();
     }
 }

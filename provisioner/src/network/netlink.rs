@@ -7,6 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd as _;
 
 use futures::TryStreamExt as _;
+use nix::errno::Errno;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, NetworkNamespace, RouteMessageBuilder};
 
 /// A netlink operation that failed, with what it was doing.
@@ -48,8 +51,9 @@ async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, NetlinkErr
     match links.try_next().await {
         Ok(Some(l)) => Ok(Some(l.header.index)),
         Ok(None) => Ok(None),
-        // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(Errno::ENODEV as i32) => {
+            Ok(None)
+        }
         Err(e) => Err(err(format!("looking up link {name}"))(e)),
     }
 }
@@ -81,8 +85,7 @@ pub async fn create_bridge(
         .await
     {
         Ok(()) => {}
-        // EEXIST: the address is already there.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(Errno::EEXIST as i32) => {}
         Err(e) => return Err(err(format!("adding {gateway}/{prefix} to {name}"))(e)),
     }
     handle
@@ -109,6 +112,9 @@ pub struct NodeLink {
     pub prefix: u8,
     /// Gateway.
     pub gateway: Ipv4Addr,
+    /// Whether the node gets a default route through the gateway (not when air-gapped: then
+    /// it reaches the cluster network only).
+    pub default_route: bool,
     /// MTU.
     pub mtu: u32,
 }
@@ -231,20 +237,55 @@ async fn configure_inside(link: &NodeLink, peer: &str) -> Result<(), NetlinkErro
         .await
     {
         Ok(()) => {}
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(Errno::EEXIST as i32) => {}
         Err(e) => return Err(err(format!("adding {}/{}", link.address, link.prefix))(e)),
+    }
+    if !link.default_route {
+        return Ok(());
     }
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(link.gateway)
         .build();
     match handle.route().add(route).execute().await {
         Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(Errno::EEXIST as i32) => Ok(()),
         Err(e) => Err(err(format!(
             "adding the default route via {}",
             link.gateway
         ))(e)),
     }
+}
+
+/// Attaches link `name` (a tap) to `bridge` with `mtu` and sets it up.
+pub async fn attach(
+    handle: &Handle,
+    name: &str,
+    bridge: &str,
+    mtu: u32,
+) -> Result<(), NetlinkError> {
+    let action = format!("attaching {name} to {bridge}");
+    let br = index_of(handle, bridge)
+        .await?
+        .ok_or_else(|| NetlinkError {
+            action: action.clone(),
+            reason: "the bridge does not exist".into(),
+        })?;
+    let idx = index_of(handle, name).await?.ok_or_else(|| NetlinkError {
+        action: action.clone(),
+        reason: "no such link".into(),
+    })?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .controller(br)
+                .mtu(mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(err(action))
 }
 
 /// Sets the host side of a node's veth down or up (cutting or restoring its link).
@@ -287,18 +328,103 @@ pub async fn delete_netns(name: &str) -> Result<(), NetlinkError> {
     Ok(())
 }
 
-/// Names of links whose name starts with `prefix` (leak checks).
-pub async fn links_with_prefix(handle: &Handle, prefix: &str) -> Result<Vec<String>, NetlinkError> {
-    use rtnetlink::packet_route::link::LinkAttribute;
-    let mut out = Vec::new();
+/// The alias (`ip link set X alias ...`) of link `name`: `Ok(None)` when the link does not
+/// exist, `Some("")` when it has no alias.
+pub async fn alias_of(handle: &Handle, name: &str) -> Result<Option<String>, NetlinkError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(Some(
+            l.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfAlias(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+        )),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(Errno::ENODEV as i32) => {
+            Ok(None)
+        }
+        Err(e) => Err(err(format!("looking up link {name}"))(e)),
+    }
+}
+
+/// Sets the alias of link `name` (the cluster's ownership mark).
+pub async fn set_alias(handle: &Handle, name: &str, alias: &str) -> Result<(), NetlinkError> {
+    let idx = index_of(handle, name).await?.ok_or_else(|| NetlinkError {
+        action: format!("marking {name}"),
+        reason: "no such link".into(),
+    })?;
+    let mut msg = LinkUnspec::new_with_index(idx).build();
+    msg.attributes
+        .push(LinkAttribute::IfAlias(alias.to_owned()));
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(err(format!("marking {name} as {alias}")))
+}
+
+/// Deletes link `name` only if it carries `mark` as its alias; returns whether it was deleted.
+/// A link without the mark belongs to someone else and is left alone.
+pub async fn delete_marked_link(
+    handle: &Handle,
+    name: &str,
+    mark: &str,
+) -> Result<bool, NetlinkError> {
+    match alias_of(handle, name).await? {
+        Some(alias) if alias == mark => {
+            delete_link(handle, name).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// IPv4 routes of the main table as (destination, prefix length, device), from a netlink dump.
+/// Default routes are left out: they overlap everything and are no conflict.
+pub async fn routes_v4(handle: &Handle) -> Result<Vec<(Ipv4Addr, u8, String)>, NetlinkError> {
+    let mut names = std::collections::HashMap::new();
     let mut links = handle.link().get().execute();
     while let Some(l) = links.try_next().await.map_err(err("listing links"))? {
         for a in &l.attributes {
-            if let LinkAttribute::IfName(n) = a
-                && n.starts_with(prefix)
-            {
-                out.push(n.clone());
+            if let LinkAttribute::IfName(n) = a {
+                names.insert(l.header.index, n.clone());
             }
+        }
+    }
+    let mut out = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(r) = routes.try_next().await.map_err(err("listing routes"))? {
+        let prefix = r.header.destination_prefix_length;
+        // RT_TABLE_MAIN: the table `ip route` and /proc/net/route show.
+        let table = r
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(r.header.table));
+        if prefix == 0 || table != 254 {
+            continue;
+        }
+        let mut dest = None;
+        let mut dev = String::new();
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dest = Some(*d),
+                RouteAttribute::Oif(i) => dev = names.get(i).cloned().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        if let Some(d) = dest {
+            out.push((d, prefix, dev));
         }
     }
     Ok(out)

@@ -1,59 +1,30 @@
-//! Provisioners: one trait for creating, destroying and powering the nodes of a cluster, with an
-//! implementation per platform chosen by name. `process` (machined processes in network
-//! namespaces, or on 127.x addresses without root) is the one that works everywhere; `qemu` and
-//! `docker` only add implementations of the same trait.
+//! Provisioners: one trait for making and powering the nodes of a cluster, with an
+//! implementation per kind of node chosen by name ([`by_name`]). Everything else a cluster
+//! needs (planning, secrets and configurations, the state directory, helpers, waiting,
+//! bootstrap, health, teardown of helpers and firewall rules) is the generic lab in
+//! [`crate::create`] and [`crate::destroy`], written once above this trait.
+//!
+//! Adding a provisioner is a module here implementing [`Provisioner`] and one line in
+//! [`by_name`]. What it records about its nodes goes into the node's provider section of
+//! `state.yaml` ([`crate::state::NodeState::set_provider_state`]), under its own name.
 
-mod process;
+pub mod docker;
+pub mod process;
+pub mod qemu;
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 pub use process::ProcessProvisioner;
 
-use crate::launcher::LauncherStatus;
-use crate::network::Plan;
 use crate::progress::Progress;
-use crate::state::{ClusterState, StateDir};
+use crate::state::{ClusterState, NetworkMode, StateDir};
 
-/// A node to create.
-#[derive(Debug, Clone)]
-pub struct NodeRequest {
-    /// Name (also host name).
-    pub name: String,
-    /// `controlplane` or `worker`.
-    pub role: String,
-    /// Address.
-    pub address: IpAddr,
-    /// Its machine configuration document.
-    pub config: String,
-    /// Whether the node boots with it (else it waits in maintenance mode).
-    pub inject_config: bool,
-}
-
-/// What to create.
-#[derive(Debug, Clone)]
-pub struct CreateRequest {
-    /// Cluster name.
-    pub name: String,
-    /// State directory.
-    pub dir: StateDir,
-    /// Addresses.
-    pub plan: Plan,
-    /// MTU.
-    pub mtu: u32,
-    /// Nodes, control plane first.
-    pub nodes: Vec<NodeRequest>,
-    /// Control-plane endpoint.
-    pub endpoint: String,
-    /// Files written into the state directory before anything starts (`secrets.yaml`,
-    /// `kilnconfig`), name and content.
-    pub files: Vec<(String, String)>,
-}
-
-/// Power actions on one node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Power and fault actions on one node, the same words for every provisioner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PowerAction {
     /// Power off (hard).
     Stop,
@@ -61,68 +32,238 @@ pub enum PowerAction {
     Start,
     /// Hard reset.
     Reset,
-    /// Freeze the node's processes.
+    /// Freeze the node.
     Pause,
-    /// Thaw them.
+    /// Thaw it.
     Resume,
-    /// Cut the node's network link (bridge mode).
+    /// Cut the node's network link.
     LinkDown,
     /// Restore it.
     LinkUp,
 }
 
-impl PowerAction {
-    /// The launcher command.
-    pub fn command(self) -> &'static str {
-        match self {
-            Self::Stop => "poweroff",
-            Self::Start => "poweron",
-            Self::Reset => "reset",
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::LinkDown => "link-down",
-            Self::LinkUp => "link-up",
-        }
+/// Whether a node is powered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// Running.
+    Running,
+    /// Frozen by `pause`.
+    Paused,
+    /// Off.
+    Off,
+}
+
+impl std::fmt::Display for PowerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PowerState::Running => "running",
+            PowerState::Paused => "paused",
+            PowerState::Off => "off",
+        })
     }
 }
 
-/// A way to run nodes.
+/// A provisioner's view of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Powered, paused or off.
+    pub power: PowerState,
+    /// The node's main process (machined, QEMU, the container's init) when running.
+    pub pid: Option<u32>,
+    /// How many times the node started.
+    pub boots: u32,
+    /// Whether the node's link is up.
+    pub link_up: bool,
+}
+
+/// What a provisioner supports; scenarios skip a step it lacks, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Link faults (`link-down` / `link-up`), or why not.
+    pub link_faults: Result<(), String>,
+    /// Pausing nodes, or why not.
+    pub pause: Result<(), String>,
+    /// A/B slots: nodes started on an installer image (`CreateOptions::install_image`) that
+    /// upgrade and roll back, or why not.
+    pub slots: Result<(), String>,
+}
+
+/// Why a provisioner could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The provisioner cannot run for this user or on this machine.
+    #[error("the {provisioner} provisioner cannot run here: {reason}")]
+    Unavailable {
+        /// Its name.
+        provisioner: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// No such provisioner.
+    #[error("unknown provisioner {name:?}: use one of {}", NAMES.join(", "))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+    },
+    /// The node is not in the cluster.
+    #[error("no node {node:?} in cluster {cluster}; nodes: {nodes}")]
+    NoSuchNode {
+        /// The node asked for.
+        node: String,
+        /// The cluster.
+        cluster: String,
+        /// Its nodes.
+        nodes: String,
+    },
+    /// The network could not be made or removed.
+    #[error("network of cluster {cluster}: {source}")]
+    Network {
+        /// The cluster.
+        cluster: String,
+        /// What failed.
+        #[source]
+        source: crate::network::netlink::NetlinkError,
+    },
+    /// An object the cluster expected to make already exists and is not the cluster's.
+    #[error("{object} already exists and is not cluster {cluster}'s ({found}); {fix}")]
+    Taken {
+        /// What (a network namespace, a link).
+        object: String,
+        /// The cluster.
+        cluster: String,
+        /// What owns it, as far as known.
+        found: String,
+        /// What to do.
+        fix: String,
+    },
+    /// A helper could not be started.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
+    /// The state could not be written.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A node launcher did not answer or refused.
+    #[error("node {node}: {source}")]
+    Launcher {
+        /// The node.
+        node: String,
+        /// What failed.
+        #[source]
+        source: process::launcher::LauncherError,
+    },
+    /// The action is not supported by this provisioner in this cluster.
+    #[error("{action:?} is not supported here: {reason}")]
+    Unsupported {
+        /// The action.
+        action: PowerAction,
+        /// Why.
+        reason: String,
+    },
+    /// A file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A way to run nodes. The generic lab calls these in order: [`Provisioner::network_mode`],
+/// [`Provisioner::plan`] (names what will be made; saved before anything exists),
+/// [`Provisioner::create_network`], [`Provisioner::start_node`] per node; and
+/// [`Provisioner::destroy`] to undo all of it, also after a create killed halfway.
 #[async_trait]
-pub trait Provisioner: Send + Sync {
+pub trait Provisioner: Send + Sync + std::fmt::Debug {
     /// Its name (`process`).
     fn name(&self) -> &'static str;
-    /// Creates the network, helpers and nodes; the state is saved as it goes.
-    async fn create(
+    /// The network this caller gets (bridge as root, loopback otherwise for `process`), or why
+    /// the provisioner cannot run here.
+    fn network_mode(&self) -> Result<NetworkMode, ProvisionError>;
+    /// What it supports in a cluster with this network.
+    fn capabilities(&self, mode: NetworkMode) -> Capabilities;
+    /// Names every object it will make (links, namespaces, containers) in the state, before
+    /// any exists, so that `destroy` finds them by name after a crash.
+    fn plan(&self, dir: &StateDir, state: &mut ClusterState);
+    /// Makes the cluster network (for `process` as root: the bridge, marked as the
+    /// cluster's). Fails without touching anything that is not the cluster's.
+    async fn create_network(
         &self,
-        request: &CreateRequest,
+        dir: &StateDir,
+        state: &ClusterState,
         progress: &Progress,
-    ) -> anyhow::Result<ClusterState>;
-    /// Removes everything `create` made, also after a create that was killed halfway.
+    ) -> Result<(), ProvisionError>;
+    /// Starts a node and returns once its power switch (launcher) answers; recorded helpers
+    /// go into `state.helpers` (the caller saves the state).
+    async fn start_node(
+        &self,
+        dir: &StateDir,
+        state: &mut ClusterState,
+        node: &str,
+    ) -> Result<(), ProvisionError>;
+    /// Stops every node and removes what `plan` named: only objects that are the cluster's.
+    /// Idempotent.
     async fn destroy(
         &self,
         dir: &StateDir,
-        cluster: &str,
+        state: &ClusterState,
         progress: &Progress,
-    ) -> anyhow::Result<()>;
-    /// Powers a node.
-    async fn node_power(
+    ) -> Result<(), ProvisionError>;
+    /// Powers a node or injects a fault.
+    async fn power(
         &self,
         dir: &StateDir,
+        state: &ClusterState,
         node: &str,
         action: PowerAction,
-    ) -> anyhow::Result<LauncherStatus>;
-    /// The launcher's view of a node.
-    async fn node_status(&self, dir: &StateDir, node: &str) -> anyhow::Result<LauncherStatus>;
+    ) -> Result<NodeStatus, ProvisionError>;
+    /// The node's power state.
+    async fn status(
+        &self,
+        dir: &StateDir,
+        state: &ClusterState,
+        node: &str,
+    ) -> Result<NodeStatus, ProvisionError>;
+    /// Where the node's console (kernel and machined output) is written.
+    fn console(&self, dir: &StateDir, node: &str) -> PathBuf {
+        dir.log(node)
+    }
 }
 
-/// The provisioner called `name`.
-pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Provisioner>> {
+/// Every provisioner name, in the order help texts list them.
+pub const NAMES: &[&str] = &["process", "qemu", "docker"];
+
+/// Options of `kiln cluster create` that only some provisioners use (the others ignore them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProvisionerOptions {
+    /// `docker`: engine, CPUs and memory per node.
+    pub docker: docker::DockerOptions,
+    /// `qemu`: kernel, initrd or disk image, CPUs, memory, firmware.
+    pub qemu: qemu::QemuOptions,
+}
+
+/// The provisioner called `name`, for a cluster that exists (what it needs is in the state).
+pub fn by_name(name: &str) -> Result<Box<dyn Provisioner>, ProvisionError> {
+    by_name_with(name, &ProvisionerOptions::default())
+}
+
+/// The provisioner called `name`, with the options of `create`.
+pub fn by_name_with(
+    name: &str,
+    options: &ProvisionerOptions,
+) -> Result<Box<dyn Provisioner>, ProvisionError> {
     match name {
+        "docker" => Ok(Box::new(docker::DockerProvisioner::new(
+            options.docker.clone(),
+        ))),
         "process" => Ok(Box::new(ProcessProvisioner)),
-        "qemu" | "docker" => anyhow::bail!(
-            "the {name} provisioner is not available in this build yet; use --provisioner process"
-        ),
-        other => anyhow::bail!("unknown provisioner {other:?}: use process"),
+        "qemu" => Ok(Box::new(qemu::QemuProvisioner {
+            options: options.qemu.clone(),
+        })),
+        other => Err(ProvisionError::Unknown {
+            name: other.to_owned(),
+        }),
     }
 }
 
@@ -132,4 +273,21 @@ pub fn state_base(state: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         Some(p) => Ok(p),
         None => crate::state::default_base(),
     }
+}
+
+/// Looks up `node` in `state`, or says which nodes there are.
+pub fn require_node<'a>(
+    state: &'a ClusterState,
+    node: &str,
+) -> Result<&'a crate::state::NodeState, ProvisionError> {
+    state.node(node).ok_or_else(|| ProvisionError::NoSuchNode {
+        node: node.to_owned(),
+        cluster: state.name.clone(),
+        nodes: state
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }

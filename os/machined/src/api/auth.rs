@@ -1,8 +1,9 @@
 //! Who may call what. The caller's role is the organisation of its client certificate
 //! (`os:admin`, `os:operator`, `os:reader`); a node forwarding a call presents an
 //! `os:impersonator` certificate and passes the original caller's role in metadata. One table
-//! ([`required_role`]) says which role each method needs; a tower layer enforces it before any
-//! handler runs.
+//! ([`TABLE`]) says which role each method needs; a tower layer enforces it before any handler
+//! runs, and denies a method the table does not list. A test walks every method of the compiled
+//! proto and fails on one without a row.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,28 +53,91 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// The role a method of `kiln.machine.MachineService` needs; `None` for unknown methods.
-pub fn required_role(method: &str) -> Option<Role> {
+/// The role each method of `kiln.machine.MachineService` needs. A method missing here is
+/// denied to every caller.
+pub const TABLE: &[(&str, Role)] = {
     use Role::{Admin, Operator, Reader};
-    Some(match method {
-        "Version" | "ServiceList" | "Logs" | "Dmesg" | "Events" | "EtcdMemberList"
-        | "EtcdStatus" | "EtcdAlarmList" | "Get" | "List" | "FileList" => Reader,
-        "ServiceStart"
-        | "ServiceStop"
-        | "ServiceRestart"
-        | "Reboot"
-        | "Shutdown"
-        | "EtcdSnapshot"
-        | "EtcdDefragment"
-        | "EtcdAlarmDisarm"
-        | "EtcdForfeitLeadership"
-        | "FileRead"
-        | "FileCopy" => Operator,
-        "Reset" | "ApplyConfiguration" | "Bootstrap" | "EtcdRecover" | "EtcdLeaveCluster"
-        | "EtcdRemoveMember" | "EtcdMemberAdd" | "MetaWrite" | "MetaDelete"
-        | "GenerateKubeconfig" => Admin,
-        _ => return None,
-    })
+    &[
+        ("Version", Reader),
+        ("ServiceList", Reader),
+        ("Logs", Reader),
+        ("Dmesg", Reader),
+        ("Events", Reader),
+        ("EtcdMemberList", Reader),
+        ("EtcdStatus", Reader),
+        ("EtcdAlarmList", Reader),
+        ("Get", Reader),
+        ("List", Reader),
+        ("FileList", Reader),
+        ("ServiceStart", Operator),
+        ("ServiceStop", Operator),
+        ("ServiceRestart", Operator),
+        ("Reboot", Operator),
+        ("Shutdown", Operator),
+        ("EtcdSnapshot", Operator),
+        ("EtcdDefragment", Operator),
+        ("EtcdAlarmDisarm", Operator),
+        ("EtcdForfeitLeadership", Operator),
+        ("FileRead", Operator),
+        ("FileCopy", Operator),
+        ("Reset", Admin),
+        ("ApplyConfiguration", Admin),
+        ("Bootstrap", Admin),
+        ("EtcdRecover", Admin),
+        ("EtcdLeaveCluster", Admin),
+        ("EtcdRemoveMember", Admin),
+        ("EtcdMemberAdd", Admin),
+        ("MetaWrite", Admin),
+        ("MetaDelete", Admin),
+        ("GenerateKubeconfig", Admin),
+        ("Upgrade", Admin),
+        ("Rollback", Admin),
+    ]
+};
+
+/// The role a method of `kiln.machine.MachineService` needs; `None` for a method the table
+/// does not list (the layer denies it).
+pub fn required_role(method: &str) -> Option<Role> {
+    TABLE
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|(_, role)| *role)
+}
+
+/// How the table and a service's methods disagree.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TableGaps {
+    /// Methods of the service with no row: every caller is denied them.
+    pub unlisted: Vec<String>,
+    /// Rows naming no method of the service (a renamed or removed method).
+    pub stale: Vec<String>,
+    /// Methods with more than one row.
+    pub duplicated: Vec<String>,
+}
+
+impl TableGaps {
+    /// Whether table and methods agree.
+    pub fn is_empty(&self) -> bool {
+        self.unlisted.is_empty() && self.stale.is_empty() && self.duplicated.is_empty()
+    }
+}
+
+/// Compares `table` with the `methods` a service declares.
+pub fn table_gaps(table: &[(&str, Role)], methods: &[String]) -> TableGaps {
+    let mut gaps = TableGaps::default();
+    for m in methods {
+        match table.iter().filter(|(name, _)| name == m).count() {
+            0 => gaps.unlisted.push(m.clone()),
+            1 => {}
+            _ => gaps.duplicated.push(m.clone()),
+        }
+    }
+    for (name, _) in table {
+        if !methods.iter().any(|m| m == name) {
+            gaps.stale.push((*name).to_owned());
+        }
+    }
+    gaps
 }
 
 /// Methods a node in maintenance mode serves.
@@ -133,6 +197,38 @@ pub fn set_forwarded_role<T>(req: &mut tonic::Request<T>, role: &str) {
     }
 }
 
+/// The decision of the layer: the caller's role, or the status refusing the call.
+fn authorize(
+    guard: Guard,
+    service: &str,
+    method: &str,
+    caller: impl FnOnce() -> Result<Role, Status>,
+) -> Result<Role, Status> {
+    if service != kiln_os_api::MACHINE_SERVICE {
+        // Other services (the trust service lives on another port) are not reachable here.
+        return Err(Status::unimplemented(format!("unknown service {service}")));
+    }
+    match guard {
+        Guard::Maintenance if allowed_in_maintenance(method) => Ok(Role::Admin),
+        Guard::Maintenance => Err(Status::failed_precondition(format!(
+            "the node is in maintenance mode: only version and apply-config --insecure \
+             work until a configuration is applied ({method} refused)"
+        ))),
+        Guard::Authenticated => caller().and_then(|role| match required_role(method) {
+            None => Err(Status::permission_denied(format!(
+                "{method} is not in the authorization table of this node, so no role may call \
+                 it (is the node older than the client?)"
+            ))),
+            Some(needed) if role >= needed => Ok(role),
+            Some(needed) => Err(Status::permission_denied(format!(
+                "{method} needs role {} or higher; the caller has {}",
+                needed.as_str(),
+                role.as_str()
+            ))),
+        }),
+    }
+}
+
 /// Which server the layer guards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
@@ -188,29 +284,7 @@ where
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or(("", ""));
-        let decision = if service != "kiln.machine.MachineService" {
-            // Other services (the trust service lives on another port) are not reachable here.
-            Err(Status::unimplemented(format!("unknown service {service}")))
-        } else {
-            match self.guard {
-                Guard::Maintenance if allowed_in_maintenance(method) => Ok(Role::Admin),
-                Guard::Maintenance => Err(Status::failed_precondition(format!(
-                    "the node is in maintenance mode: only version and apply-config --insecure \
-                     work until a configuration is applied ({method} refused)"
-                ))),
-                Guard::Authenticated => {
-                    caller_role(&req).and_then(|role| match required_role(method) {
-                        None => Ok(role),
-                        Some(needed) if role >= needed => Ok(role),
-                        Some(needed) => Err(Status::permission_denied(format!(
-                            "{method} needs role {} or higher; the caller has {}",
-                            needed.as_str(),
-                            role.as_str()
-                        ))),
-                    })
-                }
-            }
-        };
+        let decision = authorize(self.guard, service, method, || caller_role(&req));
         match decision {
             Ok(role) => {
                 req.extensions_mut().insert(Caller { role });
@@ -236,5 +310,66 @@ mod tests {
         assert_eq!(required_role("Version"), Some(Role::Reader));
         assert_eq!(required_role("Nope"), None);
         assert!(allowed_in_maintenance("ApplyConfiguration") && !allowed_in_maintenance("Reset"));
+    }
+
+    /// Every method of the compiled proto has exactly one row, and every row names a method.
+    #[test]
+    fn every_method_of_the_proto_has_a_row() {
+        let methods = kiln_os_api::service_methods(kiln_os_api::MACHINE_SERVICE);
+        assert!(methods.len() >= TABLE.len(), "{methods:?}");
+        let gaps = table_gaps(TABLE, &methods);
+        assert!(
+            gaps.is_empty(),
+            "the authorization table (os/machined/src/api/auth.rs) and machine.proto disagree: \
+             {gaps:?}; give every new method a row with the least role that may call it"
+        );
+        for m in &methods {
+            assert!(required_role(m).is_some(), "{m}");
+        }
+    }
+
+    /// The check above fails when a method is added to the proto without a row.
+    #[test]
+    fn a_method_without_a_row_is_reported() {
+        let mut methods = kiln_os_api::service_methods(kiln_os_api::MACHINE_SERVICE);
+        methods.push("EtcdDowngrade".to_owned());
+        let gaps = table_gaps(TABLE, &methods);
+        assert_eq!(gaps.unlisted, vec!["EtcdDowngrade".to_owned()]);
+        assert!(!gaps.is_empty());
+        // A row whose method left the proto, and a method with two rows, are reported too.
+        let gaps = table_gaps(
+            &[
+                ("Version", Role::Reader),
+                ("Version", Role::Admin),
+                ("Gone", Role::Admin),
+            ],
+            &["Version".to_owned()],
+        );
+        assert_eq!(gaps.duplicated, vec!["Version".to_owned()]);
+        assert_eq!(gaps.stale, vec!["Gone".to_owned()]);
+        // And the layer denies an unlisted method even to an admin.
+        let denied = authorize(
+            Guard::Authenticated,
+            kiln_os_api::MACHINE_SERVICE,
+            "EtcdDowngrade",
+            || Ok(Role::Admin),
+        )
+        .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        let allowed = authorize(
+            Guard::Authenticated,
+            kiln_os_api::MACHINE_SERVICE,
+            "Reset",
+            || Ok(Role::Admin),
+        );
+        assert_eq!(allowed.ok(), Some(Role::Admin));
+        let refused = authorize(
+            Guard::Authenticated,
+            kiln_os_api::MACHINE_SERVICE,
+            "Reset",
+            || Ok(Role::Operator),
+        )
+        .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     }
 }

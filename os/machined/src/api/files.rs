@@ -1,5 +1,6 @@
 //! `ls`, `read` and `cp` over the node's volumes: `/system/state` (STATE), `/var`
-//! (EPHEMERAL) and `/system/meta` (META). Paths outside them, or escaping them, are refused.
+//! (EPHEMERAL), `/system/meta` (META), and `/proc` on `metal`. Paths outside them, or escaping
+//! them, are refused.
 
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
@@ -24,7 +25,7 @@ pub fn resolve(volumes: &Volumes, path: &str) -> ApiResult<PathBuf> {
             "{path:?}: give an absolute path without '..'"
         )));
     }
-    for (root, dir) in roots {
+    for (root, dir) in &roots {
         if let Ok(rest) = p.strip_prefix(root) {
             return Ok(dir.join(rest));
         }

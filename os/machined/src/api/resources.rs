@@ -94,7 +94,7 @@ pub async fn list(node: &Node, rtype: &str, role: &str) -> ApiResult<Vec<pb::Res
             if t == "members" {
                 let spec = serde_json::json!({
                     "hostname": node.hostname(),
-                    "addresses": [node.platform.address().to_string()],
+                    "addresses": node.addresses().iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "machineType": node.machine_type().map(|t| t.to_string()).unwrap_or_default(),
                     "operatingSystem": format!("Kiln OS (v{})", env!("CARGO_PKG_VERSION")),
                 });
@@ -124,11 +124,10 @@ pub async fn list(node: &Node, rtype: &str, role: &str) -> ApiResult<Vec<pb::Res
             }
             out
         }
-        "addresses" => config
-            .as_ref()
-            .map(|c| node.platform.configure_network(c))
-            .unwrap_or_else(|| vec![node.platform.address().to_string()])
+        "addresses" => node
+            .addresses()
             .into_iter()
+            .map(|a| a.to_string())
             .map(|a| resource("network", "AddressStatus", &a, 1, &serde_json::json!({"address": a, "family": if a.contains(':') {"inet6"} else {"inet4"}})))
             .collect(),
         "hostname" => vec![resource("network", "HostnameStatus", "hostname", 1, &serde_json::json!({"hostname": node.hostname(), "domainname": ""}))],

@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use crate::etcd::ops::EtcdOpError;
 use crate::meta::MetaError;
 use crate::supervisor::SupervisorError;
+use crate::upgrade::UpgradeError;
 
 /// Errors of API handlers.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +22,36 @@ pub enum ApiError {
     /// A dependency (etcd, another node) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// The node has no configuration yet (maintenance mode).
+    #[error("the node has no configuration yet")]
+    NoConfig,
+    /// A control-plane call reached a worker.
+    #[error("{what} runs on control-plane nodes only; this node is a worker")]
+    NotControlPlane {
+        /// The call (`etcd`, `bootstrap`, `kubeconfig`).
+        what: &'static str,
+    },
+    /// etcd has not been started on this node yet.
+    #[error("etcd has not started on this node yet")]
+    EtcdNotStarted,
+    /// etcd is not running on this node.
+    #[error("etcd is not running on this node (it is {state})")]
+    EtcdNotRunning {
+        /// The service's state.
+        state: &'static str,
+    },
+    /// The node is resetting, rebooting or shutting down: the call may work once it is back.
+    #[error("the node is still {stage}; retry in a few seconds")]
+    Stopping {
+        /// The stage (`resetting`, `rebooting`, `shutting down`).
+        stage: &'static str,
+    },
     /// The configuration does not validate.
     #[error("the configuration is not valid: {0}")]
     InvalidConfig(String),
+    /// A volume label that cannot be wiped.
+    #[error(transparent)]
+    UnknownLabel(#[from] crate::volumes::UnknownLabel),
     /// A supervisor request failed.
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -41,6 +69,9 @@ pub enum ApiError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An upgrade or rollback was refused or failed.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
     /// A forwarded call failed.
     #[error(transparent)]
     Forwarded(Status),
@@ -58,12 +89,16 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
         match e {
-            ApiError::InvalidArgument(_) | ApiError::InvalidConfig(_) => {
-                Status::invalid_argument(msg)
-            }
-            ApiError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            ApiError::InvalidArgument(_)
+            | ApiError::InvalidConfig(_)
+            | ApiError::UnknownLabel(_) => Status::invalid_argument(msg),
+            ApiError::FailedPrecondition(_)
+            | ApiError::NoConfig
+            | ApiError::NotControlPlane { .. }
+            | ApiError::EtcdNotStarted
+            | ApiError::EtcdNotRunning { .. } => Status::failed_precondition(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
-            ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Unavailable(_) | ApiError::Stopping { .. } => Status::unavailable(msg),
             ApiError::Supervisor(SupervisorError::UnknownService { .. }) => Status::not_found(msg),
             ApiError::Supervisor(SupervisorError::Timeout { .. }) => Status::deadline_exceeded(msg),
             ApiError::Meta(MetaError::NotFound(_)) => Status::not_found(msg),
@@ -74,6 +109,26 @@ impl From<ApiError> for Status {
             ApiError::Etcd(EtcdOpError::NotRunning(_)) => Status::failed_precondition(msg),
             ApiError::Etcd(EtcdOpError::Certificates(_)) => Status::internal(msg),
             ApiError::Etcd(EtcdOpError::Etcd { .. }) => Status::unavailable(msg),
+            ApiError::Upgrade(
+                UpgradeError::InvalidReference { .. } | UpgradeError::StageWithoutPreserve,
+            ) => Status::invalid_argument(msg),
+            ApiError::Upgrade(
+                UpgradeError::NoSlots
+                | UpgradeError::InProgress
+                | UpgradeError::NotRunning { .. }
+                | UpgradeError::Quorum { .. }
+                | UpgradeError::Slots(kiln_os_api::slots::SlotError::EmptySlot { .. }),
+            ) => Status::failed_precondition(msg),
+            ApiError::Upgrade(UpgradeError::Pull { .. } | UpgradeError::Etcd(_)) => {
+                Status::unavailable(msg)
+            }
+            ApiError::Upgrade(
+                UpgradeError::Io { .. }
+                | UpgradeError::Slots(
+                    kiln_os_api::slots::SlotError::Io { .. }
+                    | kiln_os_api::slots::SlotError::Malformed { .. },
+                ),
+            ) => Status::internal(msg),
             ApiError::Forwarded(status) => Status::new(status.code(), status.message().to_owned()),
         }
     }

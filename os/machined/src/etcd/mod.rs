@@ -1,9 +1,11 @@
 //! etcd on control-plane nodes: the real `etcd` binary under the supervisor, with
 //! certificates from the configuration's etcd CA. One node is bootstrapped through the API;
-//! the others wait in Preparing until an existing member adds them as learners, start, and are
-//! promoted. `bootstrap --recover-from` restores an uploaded snapshot with `etcdctl snapshot
-//! restore` first.
+//! the others wait in Preparing until an existing member adds them as learners ([`join`]),
+//! start, and are promoted. `bootstrap --recover-from` restores an uploaded snapshot with
+//! `etcdctl snapshot restore` first. etcd runs with `--strict-reconfig-check=false` (its
+//! command line says why): otherwise every join waits 5 s after the previous one.
 
+pub mod join;
 pub mod ops;
 pub mod pki;
 
@@ -14,7 +16,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kiln_os_api::contract::{ETCD_CLIENT_PORT, ETCD_PEER_PORT};
-use kiln_os_api::pb;
 use tokio::sync::watch;
 
 use crate::node::Node;
@@ -24,6 +25,12 @@ pub use pki::EtcdPki;
 
 /// The service id.
 pub const SERVICE_ID: &str = "etcd";
+
+/// First pause after every control-plane node failed to answer a join (none started yet);
+/// doubles up to [`JOIN_RETRY_MAX`]. Candidates that answer hold the request instead.
+const JOIN_RETRY: Duration = Duration::from_millis(100);
+/// Longest pause between join rounds.
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// What `bootstrap` asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,20 +52,16 @@ enum Initial {
     Join { initial_cluster: String },
 }
 
-/// A learner to promote once it runs.
-#[derive(Debug, Clone)]
-struct PendingPromotion {
-    member_id: u64,
-    client_urls: Vec<String>,
-}
-
 /// Bootstrap and join state shared by the API and the etcd service.
 #[derive(Debug)]
 pub struct EtcdState {
     bootstrap: watch::Sender<Option<BootstrapRequest>>,
     initial: Mutex<Option<Initial>>,
-    promotion: Mutex<Option<PendingPromotion>>,
+    promotion: Mutex<Option<join::Joined>>,
     pki: Mutex<Option<EtcdPki>>,
+    /// Bumped when this node sees the membership change (a learner it added or it itself was
+    /// promoted): member-add requests waiting here for the learner slot look again at once.
+    membership: watch::Sender<u64>,
 }
 
 impl Default for EtcdState {
@@ -68,6 +71,7 @@ impl Default for EtcdState {
             initial: Mutex::new(None),
             promotion: Mutex::new(None),
             pki: Mutex::new(None),
+            membership: watch::channel(0).0,
         }
     }
 }
@@ -94,12 +98,12 @@ pub fn url(address: IpAddr, port: u16) -> String {
 
 /// This node's client URL.
 pub fn client_url(node: &Node) -> String {
-    url(node.platform.address(), ETCD_CLIENT_PORT)
+    url(node.address(), ETCD_CLIENT_PORT)
 }
 
 /// This node's peer URL.
 pub fn peer_url(node: &Node) -> String {
-    url(node.platform.address(), ETCD_PEER_PORT)
+    url(node.address(), ETCD_PEER_PORT)
 }
 
 /// Whether etcd has data on this node.
@@ -181,56 +185,6 @@ pub async fn restore(node: &Node, skip_hash_check: bool) -> Result<(), ServiceEr
     Ok(())
 }
 
-/// Asks the OS API of `candidate` to add this node as a learner.
-async fn try_join(node: &Node, candidate: &str) -> Result<(String, PendingPromotion), String> {
-    let ch = node
-        .channel_to(candidate)
-        .await
-        .map_err(|s| s.message().to_owned())?;
-    let mut client = kiln_os_api::client::machine_client(ch);
-    let mut req = tonic::Request::new(pb::EtcdMemberAddRequest {
-        name: node.hostname(),
-        peer_urls: vec![peer_url(node)],
-        learner: true,
-    });
-    crate::api::auth::set_forwarded_role(&mut req, kiln_pki::ROLE_ADMIN);
-    let resp = client.etcd_member_add(req).await.map_err(|s| {
-        node.forget_channel(candidate);
-        s.message().to_owned()
-    })?;
-    let result = resp
-        .into_inner()
-        .messages
-        .into_iter()
-        .next()
-        .ok_or("empty answer")?;
-    if !result.metadata.as_ref().is_none_or(|m| m.error.is_empty()) {
-        return Err(result.metadata.map(|m| m.error).unwrap_or_default());
-    }
-    let me = result.member_id;
-    let mut parts = Vec::new();
-    for m in &result.members {
-        let name = if m.id == me {
-            node.hostname()
-        } else {
-            m.hostname.clone()
-        };
-        if name.is_empty() {
-            continue;
-        }
-        for p in &m.peer_urls {
-            parts.push(format!("{name}={p}"));
-        }
-    }
-    Ok((
-        parts.join(","),
-        PendingPromotion {
-            member_id: me,
-            client_urls: result.client_urls,
-        },
-    ))
-}
-
 #[async_trait]
 impl Service for EtcdService {
     fn id(&self) -> &'static str {
@@ -244,13 +198,14 @@ impl Service for EtcdService {
             .ok_or_else(|| ServiceError::new("no machine configuration"))?;
         ctx.progress("Issuing etcd certificates");
         let dir = node.platform.volumes().run.join("etcd-pki");
-        let pki = pki::issue(&config, &dir, &node.hostname(), node.platform.address())
+        let pki = pki::issue(&config, &dir, &node.hostname(), node.address())
             .map_err(ServiceError::new)?;
         *node.etcd.pki.lock().unwrap_or_else(|e| e.into_inner()) = Some(pki);
         std::fs::create_dir_all(data_dir(&node).parent().unwrap_or(&data_dir(&node)))
             .map_err(ServiceError::new)?;
 
         let mut bootstrap = node.etcd.bootstrap.subscribe();
+        let mut retry = JOIN_RETRY;
         loop {
             if has_data(&node) {
                 *node.etcd.initial.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -272,35 +227,48 @@ impl Service for EtcdService {
                 None => {}
             }
             let candidates = node.control_plane_candidates();
-            let mut last_error = String::new();
-            for c in &candidates {
-                match try_join(&node, c).await {
-                    Ok((initial_cluster, promotion)) => {
-                        *node.etcd.initial.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(Initial::Join { initial_cluster });
-                        *node
-                            .etcd
-                            .promotion
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(promotion);
-                        return Ok(Prepared::Run);
-                    }
-                    Err(e) => last_error = format!("{c}: {e}"),
+            // Every candidate is asked at once and holds the request until it can add this
+            // node (its etcd running, the learner slot free), so the answer comes the moment
+            // the cluster is ready; only when every candidate failed is there a pause.
+            let asked = tokio::select! {
+                r = join::ask_all(&node, &candidates) => Some(r),
+                _ = bootstrap.changed() => None,
+            };
+            let errors = match asked {
+                None => continue,
+                Some(Ok(joined)) => {
+                    *node.etcd.initial.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Initial::Join {
+                            initial_cluster: joined.initial_cluster.clone(),
+                        });
+                    *node
+                        .etcd
+                        .promotion
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(joined);
+                    return Ok(Prepared::Run);
                 }
-            }
+                Some(Err(errors)) => errors,
+            };
             ctx.progress(if candidates.is_empty() {
                 "Waiting for `kiln bootstrap`: no other control-plane node is known to join through"
                     .to_owned()
             } else {
                 format!(
-                    "Waiting for `kiln bootstrap` or to join the cluster through {} ({last_error})",
-                    candidates.join(", ")
+                    "Waiting for `kiln bootstrap` or to join the cluster through {} ({})",
+                    candidates.join(", "),
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )
             });
-            // Poll for a member to join through every 2 s; a bootstrap request wakes us at once.
+            // Every candidate failed at once (not started yet, unreachable): back off, but a
+            // bootstrap request on this node wakes us at once.
             tokio::select! {
-                _ = bootstrap.changed() => {}
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = bootstrap.changed() => retry = JOIN_RETRY,
+                () = tokio::time::sleep(retry) => retry = (retry * 2).min(JOIN_RETRY_MAX),
             }
         }
     }
@@ -340,6 +308,12 @@ impl Service for EtcdService {
             format!("--peer-key-file={}", path(&pki.key)),
             format!("--peer-trusted-ca-file={}", path(&pki.ca)),
             "--peer-client-cert-auth=true".to_owned(),
+            // With the strict check etcd refuses every member-add until the serving member has
+            // been connected to all voting members for 5 s, so each join would wait 5 s after
+            // the previous promotion. Kiln only adds learners, which never count toward quorum,
+            // and etcd still refuses to promote a learner that has not caught up. A machine
+            // config can turn it back on with `extraArgs: {strict-reconfig-check: "true"}`.
+            "--strict-reconfig-check=false".to_owned(),
         ];
         match initial {
             Initial::Existing => {}
@@ -383,40 +357,34 @@ impl Service for EtcdService {
             .pki()
             .ok_or_else(|| ServiceError::new("no etcd certificates"))?;
         // A learner cannot promote itself: ask the members that were running when we joined.
-        let mut last = String::new();
-        for attempt in 0..300 {
-            match ops::connect(&pki, &p.client_urls).await {
-                Ok(mut c) => match c.member_promote(p.member_id).await {
-                    Ok(_) => {
-                        ctx.log().write(
-                            format!("promoted learner {:x} to voting member\n", p.member_id)
-                                .as_bytes(),
-                        );
-                        *node
-                            .etcd
-                            .promotion
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = None;
-                        return Ok(());
-                    }
-                    Err(e) if e.to_string().contains("not a learner") => {
-                        *node
-                            .etcd
-                            .promotion
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = None;
-                        return Ok(());
-                    }
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
+        // The node that added us promotes us too; whichever is first wins.
+        let result = join::promote(&pki, &p.client_urls, p.member_id).await;
+        *node
+            .etcd
+            .promotion
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        join::announce(&node);
+        match result {
+            Ok(how) => {
+                ctx.log().write(
+                    format!(
+                        "learner {:x} is a voting member ({})\n",
+                        p.member_id,
+                        match how {
+                            join::Promoted::Now => "promoted it",
+                            join::Promoted::Already => "promoted by the node that added it",
+                        }
+                    )
+                    .as_bytes(),
+                );
+                Ok(())
             }
-            tokio::time::sleep(Duration::from_millis(if attempt < 20 { 500 } else { 2000 })).await;
+            Err(e) => Err(ServiceError::new(format!(
+                "could not promote learner {:x}: {e}",
+                p.member_id
+            ))),
         }
-        Err(ServiceError::new(format!(
-            "could not promote learner {:x}: {last}",
-            p.member_id
-        )))
     }
 
     async fn health_check(&self) -> Option<Result<(), String>> {

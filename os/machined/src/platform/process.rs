@@ -1,20 +1,25 @@
 //! The `process` platform: machined is a process started by a node launcher, in its own
 //! network namespace when run as root (the launcher has set the address up) or on a 127.x
-//! address otherwise. Volumes are directories under the node's root.
+//! address otherwise. Volumes are directories under the node's root, and so is the node image
+//! (`image/`, where extension services are found); the kernel command line is an argument
+//! from the launcher; power is the exit code.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use kiln_config::Mode;
+use async_trait::async_trait;
+use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_REBOOT, EXIT_SHUTDOWN};
 
-use super::{Platform, Power};
+use super::{Platform, PlatformError, PlatformKind, Power, prepare_directories, wipe_directory};
 use crate::volumes::Volumes;
 
 /// A node that is a process.
 #[derive(Debug)]
 pub struct ProcessPlatform {
     volumes: Volumes,
+    image: PathBuf,
+    cmdline: Option<String>,
     address: IpAddr,
     hostname: String,
 }
@@ -26,15 +31,33 @@ impl ProcessPlatform {
             .unwrap_or_else(|| format!("kiln-{}", address.to_string().replace(['.', ':'], "-")));
         Self {
             volumes: Volumes::under(&root),
+            image: root.join("image"),
+            cmdline: None,
             address,
             hostname,
         }
     }
+
+    /// Sets the kernel command line the node launcher gives (`kiln.config=` and the
+    /// `kiln.config.oauth.*` arguments are read from it).
+    #[must_use]
+    pub fn with_kernel_cmdline(mut self, cmdline: Option<String>) -> Self {
+        self.cmdline = cmdline.filter(|c| !c.trim().is_empty());
+        self
+    }
+
+    /// Sets the node image directory (default: `image` under the node's root).
+    #[must_use]
+    pub fn with_image_root(mut self, image: PathBuf) -> Self {
+        self.image = image;
+        self
+    }
 }
 
+#[async_trait]
 impl Platform for ProcessPlatform {
-    fn name(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> PlatformKind {
+        PlatformKind::Process
     }
     fn mode(&self) -> Mode {
         Mode::Process
@@ -42,18 +65,42 @@ impl Platform for ProcessPlatform {
     fn volumes(&self) -> &Volumes {
         &self.volumes
     }
-    fn address(&self) -> IpAddr {
-        self.address
-    }
     fn default_hostname(&self) -> String {
         self.hostname.clone()
     }
-    fn configure_network(&self, _config: &kiln_config::MachineConfig) -> Vec<String> {
+    fn prepare_volumes(&self) -> Result<(), PlatformError> {
+        prepare_directories(&self.volumes)
+    }
+    fn wipe(&self, label: &str) -> Result<(), PlatformError> {
+        wipe_directory(&self.volumes, label)
+    }
+    async fn bring_up_network(&self) -> Result<(), PlatformError> {
+        // The launcher set the address up before starting machined.
+        Ok(())
+    }
+    async fn address(&self) -> Result<IpAddr, PlatformError> {
+        Ok(self.address)
+    }
+    async fn configure_network(
+        &self,
+        _config: &MachineConfig,
+    ) -> Result<Vec<IpAddr>, PlatformError> {
         // The launcher gave the address; interfaces in the configuration do not apply here
         // (validation warns about them in process mode).
-        vec![self.address.to_string()]
+        Ok(vec![self.address])
     }
-    fn exit_code(&self, power: Power) -> i32 {
+    fn kernel_config_url(&self) -> Option<String> {
+        self.cmdline
+            .as_deref()
+            .and_then(crate::config_source::kernel_config_url)
+    }
+    fn kernel_cmdline(&self) -> Option<String> {
+        self.cmdline.clone()
+    }
+    fn image_root(&self) -> PathBuf {
+        self.image.clone()
+    }
+    fn power(&self, power: Power) -> i32 {
         match power {
             Power::Reboot => EXIT_REBOOT,
             Power::Shutdown => EXIT_SHUTDOWN,

@@ -36,13 +36,19 @@ pub enum ServiceState {
 impl ServiceState {
     /// Name as shown in events and listings.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Waiting => "Waiting",
-            Self::Preparing => "Preparing",
-            Self::Running => "Running",
-            Self::Finished => "Finished",
-            Self::Failed => "Failed",
-            Self::Skipped => "Skipped",
+        kiln_os_api::pb::ServiceState::from(self).name()
+    }
+}
+
+impl From<ServiceState> for kiln_os_api::pb::ServiceState {
+    fn from(s: ServiceState) -> Self {
+        match s {
+            ServiceState::Waiting => Self::Waiting,
+            ServiceState::Preparing => Self::Preparing,
+            ServiceState::Running => Self::Running,
+            ServiceState::Finished => Self::Finished,
+            ServiceState::Failed => Self::Failed,
+            ServiceState::Skipped => Self::Skipped,
         }
     }
 }
@@ -134,6 +140,19 @@ pub trait Service: Send + Sync + 'static {
     /// Grace period between SIGTERM and SIGKILL.
     fn stop_grace(&self) -> Duration {
         Duration::from_secs(10)
+    }
+    /// Conditions other than services to wait for before Preparing (a path, the network):
+    /// `None` once all hold, else what is still missing (shown as `Waiting for <it>`).
+    async fn unmet_condition(&self) -> Option<String> {
+        None
+    }
+    /// Runs the process in its own namespaces and root filesystem (extension services).
+    fn container(&self) -> Option<Arc<crate::extensions::container::ContainerSetup>> {
+        None
+    }
+    /// The Running event once the process started with `pid`.
+    fn started_message(&self, _pid: u32) -> String {
+        "Service started as a process".to_owned()
     }
 }
 
@@ -518,6 +537,13 @@ impl Supervisor {
                 }
             }
         }
+        while let Some(what) = h.service.unmet_condition().await {
+            h.set_state(ServiceState::Waiting, format!("Waiting for {what}"));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = runner::stopped(stop) => return false,
+            }
+        }
         true
     }
 
@@ -569,8 +595,10 @@ impl Supervisor {
                 }
             };
             let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let container = h.service.container();
             let run = run_process(
                 &spec,
+                container,
                 &h.log,
                 stop.clone(),
                 h.service.stop_grace(),
@@ -579,13 +607,10 @@ impl Supervisor {
             tokio::pin!(run);
             // Health checks and post-start run while the process does.
             let side = async {
-                if started_rx.await.is_err() {
+                let Ok(pid) = started_rx.await else {
                     return;
-                }
-                h.set_state(
-                    ServiceState::Running,
-                    "Service started as a process".to_owned(),
-                );
+                };
+                h.set_state(ServiceState::Running, h.service.started_message(pid));
                 if let Err(e) = h.service.post_start(&ctx).await {
                     tracing::warn!(service = h.id, "post-start: {e}");
                     h.log.write(format!("post-start failed: {e}\n").as_bytes());

@@ -43,13 +43,15 @@ async fn pump(mut r: impl tokio::io::AsyncRead + Unpin, log: &LogBuffer) {
     }
 }
 
-/// Runs `spec` until it exits or `stop` becomes true; `started` fires once it runs.
+/// Runs `spec` (in `container` when given) until it exits or `stop` becomes true; `started`
+/// gets its pid once it runs.
 pub async fn run_process(
     spec: &CommandSpec,
+    container: Option<std::sync::Arc<crate::extensions::container::ContainerSetup>>,
     log: &LogBuffer,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-    started: oneshot::Sender<()>,
+    started: oneshot::Sender<u32>,
 ) -> RunOutcome {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -59,11 +61,14 @@ pub async fn run_process(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     bind_to_parent(&mut cmd);
+    if let Some(c) = &container {
+        c.install(&mut cmd);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return RunOutcome::SpawnFailed(e),
     };
-    let _ = started.send(());
+    let _ = started.send(child.id().unwrap_or_default());
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let output = async {
@@ -97,6 +102,10 @@ pub async fn run_process(
             () = &mut output, if !output_done => output_done = true,
             () = stopped(&mut stop) => {
                 terminate(&mut child, grace).await;
+                // What it printed while stopping belongs in its log too.
+                if !output_done {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), &mut output).await;
+                }
                 return RunOutcome::Stopped;
             }
         }

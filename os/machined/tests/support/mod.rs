@@ -8,49 +8,26 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_config::{GenerateInput, GeneratedConfigs};
 use kiln_os_api::client::{self, Credentials};
 use kiln_os_api::contract::{EXIT_REBOOT, EXIT_SHUTDOWN};
 use kiln_os_api::pb::machine_service_client::MachineServiceClient;
+use kiln_os_api::wait::{Poll, until};
 use kiln_pki::{LeafRequest, SecretsBundle};
 use tonic::transport::Channel;
 
-/// Whether etcd and etcdctl are installed; prints why a test is skipped otherwise.
-pub fn have_etcd() -> bool {
-    let ok = [("etcd", "--version"), ("etcdctl", "version")]
-        .iter()
-        .all(|(b, arg)| {
-            Command::new(b)
-                .arg(arg)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-    if !ok {
-        println!(
-            "skipped: etcd/etcdctl are not installed (scripts/install-deps installs etcd-server and etcd-client)"
-        );
-    }
-    ok
-}
-
-/// Polls `f` until it returns `Some` or `timeout` passes.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+/// Polls `f` until it returns `Ok` or `timeout` passes (panics with the last reason).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    match until(what, Poll::every(Duration::from_millis(250), timeout), f).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
     }
-    panic!("timed out after {timeout:?} waiting for {what}: {last}");
 }
 
 /// One node and its launcher thread.
@@ -280,9 +257,8 @@ impl Lab {
         .unwrap()
     }
 
-    /// Bootstraps node `i` and waits until etcd on `members` reports them all as voting members.
-    pub async fn bootstrap_and_wait(&self, i: usize, members: &[usize]) {
-        let mut c = self.client(i, kiln_pki::ROLE_ADMIN).await;
+    /// Waits until etcd on the node behind `c` waits for bootstrap (Preparing).
+    pub async fn wait_etcd_preparing(&self, c: &MachineServiceClient<Channel>) {
         eventually(
             "etcd to wait for bootstrap",
             Duration::from_secs(30),
@@ -299,15 +275,21 @@ impl Lab {
                         .iter()
                         .find(|s| s.id == "etcd")
                         .ok_or("no etcd service")?;
-                    if etcd.state == "Preparing" {
+                    if etcd.state() == kiln_os_api::pb::ServiceState::Preparing {
                         Ok(())
                     } else {
-                        Err(etcd.state.clone())
+                        Err(format!("etcd is {}", etcd.state()))
                     }
                 }
             },
         )
         .await;
+    }
+
+    /// Bootstraps node `i` and waits until etcd on `members` reports them all as voting members.
+    pub async fn bootstrap_and_wait(&self, i: usize, members: &[usize]) {
+        let mut c = self.client(i, kiln_pki::ROLE_ADMIN).await;
+        self.wait_etcd_preparing(&c).await;
         c.bootstrap(kiln_os_api::pb::BootstrapRequest::default())
             .await
             .unwrap();

@@ -54,7 +54,7 @@ pub enum GenCommand {
         #[arg(long, value_name = "TOKEN", requires = "from_kubernetes_pki")]
         kubernetes_bootstrap_token: Option<String>,
         /// Overwrite an existing file.
-        #[arg(long)]
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
         force: bool,
     },
     /// Create controlplane.yaml, worker.yaml and a client config (kilnconfig) for a cluster.
@@ -78,7 +78,7 @@ pub enum GenCommand {
         #[arg(short, long, default_value = ".")]
         output: PathBuf,
         /// Overwrite existing files.
-        #[arg(long)]
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
         force: bool,
     },
 }

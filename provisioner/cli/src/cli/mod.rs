@@ -1,10 +1,15 @@
 //! The `kiln` command line: global flags and one module per command group.
 
+mod airgap;
 mod cluster;
 mod completion;
 mod config;
 mod connect;
+mod debug;
+mod dhcpd;
 mod generate;
+mod image;
+mod image_cache;
 mod lb;
 mod machine;
 mod registry;
@@ -119,9 +124,22 @@ pub enum Command {
     /// Run or query the lab's load balancer (`kiln cluster create` starts it on the gateway).
     #[command(subcommand, hide = true)]
     Lb(lb::LbCommand),
+    /// Run the lab's DHCP server (`kiln cluster create` starts it on the bridge) or list its
+    /// leases.
+    #[command(subcommand, hide = true)]
+    Dhcpd(dhcpd::DhcpdCommand),
     /// Run the OCI registry and pull-through mirror; move image archives in and out.
     #[command(subcommand)]
     Registry(registry::RegistryCommand),
+    /// Build Kiln OS images (kernel, initramfs, disk, installer) and list them.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Print a cluster's egress audit; run the lab DNS and egress proxy helpers.
+    #[command(subcommand)]
+    Airgap(airgap::AirgapCommand),
+    /// Tools for testing the lab (`air-gapped`: proxy, HTTPS server and config patch).
+    #[command(subcommand, hide = true)]
+    Debug(debug::DebugCommand),
 }
 
 /// Runs a parsed command line.
@@ -139,8 +157,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             u8::try_from(kiln_machined::entry::run(args)).unwrap_or(1),
         )),
         Command::Lb(cmd) => lb::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Dhcpd(cmd) => dhcpd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Machine(cmd) => block_on(machine::run(cmd, &cli.global)),
         Command::Registry(cmd) => registry::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Image(cmd) => image::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Airgap(cmd) => airgap::run(cmd),
+        Command::Debug(cmd) => debug::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -151,5 +173,42 @@ mod tests {
     #[test]
     fn command_definitions_are_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// The guides write boolean flags as `--flag`, `--flag=true` and `--flag=false`: every
+    /// boolean flag of every command accepts all three (clap's SetTrue/SetFalse take no value).
+    #[test]
+    fn every_boolean_flag_takes_an_optional_value() {
+        fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if matches!(
+                    arg.get_action(),
+                    clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
+                ) {
+                    bad.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&super::Cli::command(), "kiln", &mut bad);
+        assert!(bad.is_empty(), "flags that refuse --flag=false: {bad:?}");
+    }
+
+    #[test]
+    fn the_guides_reset_spelling_parses() {
+        use clap::Parser as _;
+        for line in [
+            "kiln -n 10.5.0.2 reset --graceful=false --reboot --system-labels-to-wipe=EPHEMERAL",
+            "kiln reset --graceful --reboot=true",
+            "kiln cluster create --wait=false --with-debug",
+            "kiln cluster destroy --force=false",
+        ] {
+            if let Err(e) = super::Cli::try_parse_from(line.split(' ')) {
+                panic!("{line}: {e}");
+            }
+        }
     }
 }

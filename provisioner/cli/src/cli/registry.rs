@@ -65,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Refuse pushes and deletes.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub read_only: bool,
     /// Require HTTP basic auth with this user and password.
     #[arg(
@@ -143,13 +143,13 @@ pub struct LaunchArgs {
 #[derive(Debug, Args)]
 pub struct RemoteArgs {
     /// Talk plain HTTP instead of HTTPS.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub plain_http: bool,
     /// Extra CA certificate (PEM) to trust.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Do not verify the registry's certificate.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure_skip_tls_verify: bool,
     /// Credentials for the registry.
     #[arg(

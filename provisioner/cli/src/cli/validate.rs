@@ -20,7 +20,7 @@ pub struct ValidateArgs {
     #[arg(short, long, default_value = "metal")]
     mode: Mode,
     /// Treat warnings as errors.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     strict: bool,
     /// Output format of the report.
     #[arg(short, long, value_enum, default_value_t)]

@@ -1,0 +1,693 @@
+//! The `docker` provisioner: every node is a container of the node image `kiln/node:<version>`
+//! (machined as PID 1, platform `container`) on a user-defined bridge network with the
+//! cluster's CIDR and MTU and a static address per node. STATE, EPHEMERAL and META are Docker
+//! volumes. The container's restart policy is `on-failure`: machined ends with
+//! `EXIT_CONTAINER_SHUTDOWN` (0) on power-off, so the container stays stopped, and with
+//! `EXIT_REBOOT` on reboot (or a crash), so Docker starts it again.
+//!
+//! Ownership: every container, network and volume carries the label [`CLUSTER_LABEL`] with the
+//! cluster's owner mark; `destroy` lists by that label (so it also finds what a create killed
+//! halfway made before saving the state) and removes nothing else. Node images are shared by
+//! clusters and removed by `destroy` once no container uses them.
+//!
+//! Power: stop = kill, start, reset = restart without grace, pause/unpause, and link down/up on
+//! the host side of the container's veth (the container keeps its address and routes).
+
+pub mod console;
+pub mod engine;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, KillContainerOptions, ListContainersOptions, ListNetworksOptions,
+    ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions, RestartContainerOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Capabilities, NodeStatus, PowerAction, PowerState, ProvisionError, Provisioner, require_node,
+};
+use crate::network::netlink;
+use crate::progress::Progress;
+use crate::state::{ClusterState, HelperState, NetworkMode, StateDir};
+
+pub use engine::EngineError;
+
+/// The provisioner's name, also the key of its section in each node's state.
+pub const NAME: &str = "docker";
+/// Label carrying the cluster's owner mark on everything the cluster owns.
+pub const CLUSTER_LABEL: &str = "dev.kiln.cluster";
+/// Label carrying the node name on a node's container and volumes.
+pub const NODE_LABEL: &str = "dev.kiln.node";
+/// Where the volumes are mounted in the container.
+const VOLUMES_ROOT: &str = kiln_image::rootfs::VOLUMES_ROOT;
+/// Seconds Docker waits after SIGTERM (graceful shutdown) before SIGKILL.
+const STOP_TIMEOUT: i64 = 30;
+/// Capabilities the node needs, by name (never `--privileged`): links and routes, mounts and
+/// the host name.
+pub const NODE_CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN"];
+
+/// Options of `kiln cluster create` for this provisioner.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DockerOptions {
+    /// The engine (`unix:///...`); default `DOCKER_HOST` or `/var/run/docker.sock`.
+    pub host: Option<String>,
+    /// CPUs per node.
+    pub cpus: Option<f64>,
+    /// Memory per node in MiB.
+    pub memory_mib: Option<u64>,
+}
+
+/// What the docker provisioner makes for one node (its section in `state.yaml`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DockerNode {
+    /// The engine.
+    pub host: String,
+    /// Container name.
+    pub container: String,
+    /// Network name.
+    pub network: String,
+    /// Volume names: STATE, EPHEMERAL, META.
+    pub volumes: Vec<String>,
+    /// CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// The node image, once imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct DockerProvisioner {
+    options: DockerOptions,
+}
+
+impl DockerProvisioner {
+    /// A provisioner creating clusters with `options` (power and destroy read the engine from
+    /// the state).
+    pub fn new(options: DockerOptions) -> Self {
+        Self { options }
+    }
+
+    fn host(&self) -> String {
+        self.options
+            .host
+            .clone()
+            .unwrap_or_else(engine::default_host)
+    }
+}
+
+/// The cluster network's bridge interface: `kd` and the cluster identity.
+pub fn bridge_name(dir: &StateDir) -> String {
+    format!("kd{}", dir.id())
+}
+
+/// The Docker name of a node's container (`<node>-<id>`: clusters of the same name under
+/// other `--state` directories differ).
+pub fn container_name(dir: &StateDir, node: &str) -> String {
+    format!("{node}-{}", dir.id())
+}
+
+/// The section of `node`, or an empty one.
+fn node_section(state: &ClusterState, node: &str) -> DockerNode {
+    state
+        .node(node)
+        .and_then(|n| n.provider_state(NAME))
+        .unwrap_or_default()
+}
+
+/// The engine of a cluster: the one its nodes were made on.
+fn cluster_host(state: &ClusterState) -> String {
+    state
+        .nodes
+        .first()
+        .map(|n| node_section(state, &n.name).host)
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(engine::default_host)
+}
+
+fn unavailable(e: EngineError) -> ProvisionError {
+    ProvisionError::Unavailable {
+        provisioner: NAME.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn api(
+    host: &str,
+    what: impl Into<String>,
+) -> impl FnOnce(bollard::errors::Error) -> ProvisionError {
+    let host = host.to_owned();
+    let what = what.into();
+    move |source| unavailable(EngineError::Api { host, what, source })
+}
+
+fn label_filter(mark: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([("label".to_owned(), vec![format!("{CLUSTER_LABEL}={mark}")])])
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+#[async_trait]
+impl Provisioner for DockerProvisioner {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn network_mode(&self) -> Result<NetworkMode, ProvisionError> {
+        let host = self.host();
+        let path = engine::socket_path(&host).map_err(unavailable)?;
+        if !std::path::Path::new(path).exists() {
+            return Err(unavailable(EngineError::NoEngine { host }));
+        }
+        Ok(NetworkMode::Bridge)
+    }
+
+    fn capabilities(&self, _mode: NetworkMode) -> Capabilities {
+        let root = nix::unistd::Uid::effective().is_root();
+        Capabilities {
+            link_faults: if root {
+                Ok(())
+            } else {
+                Err(
+                    "cutting a container's link sets its host-side veth down, which needs root"
+                        .into(),
+                )
+            },
+            pause: Ok(()),
+            slots: Err(format!("slots not implemented on {NAME} yet")),
+        }
+    }
+
+    fn plan(&self, dir: &StateDir, state: &mut ClusterState) {
+        let host = self.host();
+        let network = format!("kiln-{}-{}", state.name, dir.id());
+        state.network.bridge = Some(bridge_name(dir));
+        for n in &mut state.nodes {
+            let container = container_name(dir, &n.name);
+            let node = DockerNode {
+                host: host.clone(),
+                volumes: ["state", "ephemeral", "meta"]
+                    .iter()
+                    .map(|v| format!("{container}-{v}"))
+                    .collect(),
+                container,
+                network: network.clone(),
+                cpus: self.options.cpus,
+                memory_mib: self.options.memory_mib,
+                image: None,
+            };
+            n.set_provider_state(NAME, &node);
+        }
+    }
+
+    async fn create_network(
+        &self,
+        dir: &StateDir,
+        state: &ClusterState,
+        progress: &Progress,
+    ) -> Result<(), ProvisionError> {
+        let host = cluster_host(state);
+        let docker = engine::connect(&host).await.map_err(unavailable)?;
+        let mark = dir.owner_mark();
+        let Some(first) = state.nodes.first() else {
+            return Ok(());
+        };
+        let network = node_section(state, &first.name).network;
+        if let Ok(existing) = docker
+            .inspect_network(
+                &network,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            let owner = existing
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(CLUSTER_LABEL).cloned())
+                .unwrap_or_default();
+            if owner != mark {
+                return Err(ProvisionError::Taken {
+                    object: format!("Docker network {network}"),
+                    cluster: state.name.clone(),
+                    found: if owner.is_empty() {
+                        "no kiln label".into()
+                    } else {
+                        format!("labelled {owner:?}")
+                    },
+                    fix: format!("remove it with `docker network rm {network}` if nothing uses it"),
+                });
+            }
+            return Ok(());
+        }
+        let labels = HashMap::from([(CLUSTER_LABEL.to_owned(), mark.clone())]);
+        let bridge = state
+            .network
+            .bridge
+            .clone()
+            .unwrap_or_else(|| bridge_name(dir));
+        docker
+            .create_network(NetworkCreateRequest {
+                name: network.clone(),
+                driver: Some("bridge".into()),
+                ipam: Some(Ipam {
+                    driver: Some("default".into()),
+                    config: Some(vec![IpamConfig {
+                        subnet: Some(state.network.cidr.clone()),
+                        gateway: Some(state.network.gateway.to_string()),
+                        ..Default::default()
+                    }]),
+                    options: None,
+                }),
+                options: Some(HashMap::from([
+                    ("com.docker.network.bridge.name".to_owned(), bridge),
+                    (
+                        "com.docker.network.driver.mtu".to_owned(),
+                        state.network.mtu.to_string(),
+                    ),
+                ])),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .map_err(api(&host, format!("creating network {network}")))?;
+        progress.note(format!(
+            "Docker network {network} ({}) on {host}",
+            state.network.cidr
+        ));
+        Ok(())
+    }
+
+    async fn start_node(
+        &self,
+        dir: &StateDir,
+        state: &mut ClusterState,
+        node: &str,
+    ) -> Result<(), ProvisionError> {
+        let me = require_node(state, node)?.clone();
+        let mut section = node_section(state, node);
+        let host = section.host.clone();
+        let docker = engine::connect(&host).await.map_err(unavailable)?;
+        let image = engine::ensure_node_image(&docker, &host)
+            .await
+            .map_err(unavailable)?;
+        section.image = Some(image.clone());
+        if let Some(n) = state.nodes.iter_mut().find(|n| n.name == node) {
+            n.set_provider_state(NAME, &section);
+        }
+        dir.save(state)?;
+        let mark = dir.owner_mark();
+        let labels = HashMap::from([
+            (CLUSTER_LABEL.to_owned(), mark.clone()),
+            (NODE_LABEL.to_owned(), node.to_owned()),
+        ]);
+        let mut mounts = Vec::new();
+        for (volume, dirname) in section.volumes.iter().zip(["state", "ephemeral", "meta"]) {
+            docker
+                .create_volume(VolumeCreateRequest {
+                    name: Some(volume.clone()),
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(api(&host, format!("creating volume {volume}")))?;
+            mounts.push(format!("{volume}:{VOLUMES_ROOT}/{dirname}"));
+        }
+        let mut cmd = vec![
+            "--platform".to_owned(),
+            "container".to_owned(),
+            "--root".to_owned(),
+            VOLUMES_ROOT.to_owned(),
+            "--hostname".to_owned(),
+            node.to_owned(),
+            "--etcd-bin".to_owned(),
+            kiln_image::rootfs::ETCD.to_owned(),
+            "--etcdctl-bin".to_owned(),
+            kiln_image::rootfs::ETCDCTL.to_owned(),
+        ];
+        for p in state.control_plane() {
+            cmd.push("--join-peer".into());
+            cmd.push(p.address.to_string());
+        }
+        let mut env = vec![];
+        if me.inject_config {
+            let config = std::fs::read(&me.config).map_err(|source| ProvisionError::Io {
+                path: me.config.clone(),
+                source,
+            })?;
+            use base64::Engine as _;
+            env.push(format!(
+                "{}={}",
+                kiln_os_api::contract::CONFIG_DATA_ENV,
+                base64::engine::general_purpose::STANDARD.encode(config)
+            ));
+        }
+        let IpAddr::V4(address) = me.address else {
+            return Err(ProvisionError::Unsupported {
+                action: PowerAction::Start,
+                reason: "the docker provisioner gives nodes IPv4 addresses only".into(),
+            });
+        };
+        let body = ContainerCreateBody {
+            image: Some(image),
+            hostname: Some(node.to_owned()),
+            cmd: Some(cmd),
+            env: Some(env),
+            labels: Some(labels),
+            stop_timeout: Some(STOP_TIMEOUT),
+            host_config: Some(HostConfig {
+                binds: Some(mounts),
+                cap_add: Some(NODE_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                    maximum_retry_count: Some(0),
+                }),
+                network_mode: Some(section.network.clone()),
+                nano_cpus: section.cpus.map(|c| (c * 1e9) as i64),
+                memory: section.memory_mib.map(|m| (m as i64) << 20),
+                init: Some(false),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    section.network.clone(),
+                    EndpointSettings {
+                        ipam_config: Some(EndpointIpamConfig {
+                            ipv4_address: Some(address.to_string()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        };
+        docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(section.container.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(api(
+                &host,
+                format!("creating container {}", section.container),
+            ))?;
+        docker
+            .start_container(&section.container, None)
+            .await
+            .map_err(api(
+                &host,
+                format!("starting container {}", section.container),
+            ))?;
+        // One console follower per cluster copies `docker logs` into `<node>.log`.
+        if !state.helpers.iter().any(|h| h.name == console::NAME) {
+            state.helpers.push(HelperState {
+                name: console::NAME.into(),
+                kind: "console".into(),
+            });
+            dir.save(state)?;
+            let args = vec![
+                "cluster".to_owned(),
+                "docker-console".to_owned(),
+                "--state-dir".to_owned(),
+                dir.dir.display().to_string(),
+            ];
+            crate::daemon::spawn(&args, &dir.log(console::NAME), &dir.pidfile(console::NAME))?;
+        }
+        Ok(())
+    }
+
+    async fn destroy(
+        &self,
+        dir: &StateDir,
+        state: &ClusterState,
+        progress: &Progress,
+    ) -> Result<(), ProvisionError> {
+        let host = cluster_host(state);
+        let docker = match engine::connect(&host).await {
+            Ok(d) => d,
+            Err(EngineError::NoEngine { .. }) => {
+                progress.note(format!(
+                    "no Docker engine at {host}: nothing of the cluster to remove there"
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mark = dir.owner_mark();
+        progress.phase("removing containers");
+        let containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(label_filter(&mark)),
+                ..Default::default()
+            }))
+            .await
+            .map_err(api(&host, "listing the cluster's containers"))?;
+        for c in containers {
+            let Some(id) = c.id else { continue };
+            match docker
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: false,
+                        link: false,
+                    }),
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api(&host, format!("removing container {id}"))(e)),
+            }
+        }
+        progress.phase("removing volumes");
+        let volumes = docker
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(label_filter(&mark)),
+            }))
+            .await
+            .map_err(api(&host, "listing the cluster's volumes"))?;
+        for v in volumes.volumes.unwrap_or_default() {
+            match docker
+                .remove_volume(&v.name, Some(RemoveVolumeOptions { force: true }))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api(&host, format!("removing volume {}", v.name))(e)),
+            }
+        }
+        progress.phase(format!("destroying network {}", state.name));
+        let networks = docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(label_filter(&mark)),
+            }))
+            .await
+            .map_err(api(&host, "listing the cluster's networks"))?;
+        for n in networks {
+            let Some(id) = n.id else { continue };
+            match docker.remove_network(&id).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api(&host, format!("removing network {id}"))(e)),
+            }
+        }
+        engine::remove_unused_node_images(&docker).await;
+        Ok(())
+    }
+
+    async fn power(
+        &self,
+        _dir: &StateDir,
+        state: &ClusterState,
+        node: &str,
+        action: PowerAction,
+    ) -> Result<NodeStatus, ProvisionError> {
+        require_node(state, node)?;
+        let section = node_section(state, node);
+        let host = section.host.clone();
+        let docker = engine::connect(&host).await.map_err(unavailable)?;
+        let c = section.container.as_str();
+        let what = format!("{action:?} on container {c}");
+        match action {
+            PowerAction::Stop => {
+                docker
+                    .kill_container(
+                        c,
+                        Some(KillContainerOptions {
+                            signal: "SIGKILL".into(),
+                        }),
+                    )
+                    .await
+                    .or_else(|e| match e {
+                        // Already off.
+                        bollard::errors::Error::DockerResponseServerError {
+                            status_code: 409,
+                            ..
+                        } => Ok(()),
+                        e => Err(e),
+                    })
+                    .map_err(api(&host, what))?;
+            }
+            PowerAction::Start => docker
+                .start_container(c, None)
+                .await
+                .or_else(|e| match e {
+                    // Already running.
+                    bollard::errors::Error::DockerResponseServerError {
+                        status_code: 304, ..
+                    } => Ok(()),
+                    e => Err(e),
+                })
+                .map_err(api(&host, what))?,
+            PowerAction::Reset => docker
+                .restart_container(
+                    c,
+                    Some(RestartContainerOptions {
+                        t: Some(0),
+                        signal: Some("SIGKILL".into()),
+                    }),
+                )
+                .await
+                .map_err(api(&host, what))?,
+            PowerAction::Pause => docker.pause_container(c).await.map_err(api(&host, what))?,
+            PowerAction::Resume => docker
+                .unpause_container(c)
+                .await
+                .map_err(api(&host, what))?,
+            PowerAction::LinkDown | PowerAction::LinkUp => {
+                if let Err(reason) = self.capabilities(state.network.mode).link_faults {
+                    return Err(ProvisionError::Unsupported { action, reason });
+                }
+                let veth = host_veth(&docker, &host, c).await?;
+                let handle = netlink::connect().map_err(|source| ProvisionError::Network {
+                    cluster: state.name.clone(),
+                    source,
+                })?;
+                netlink::set_link(&handle, &veth, action == PowerAction::LinkUp)
+                    .await
+                    .map_err(|source| ProvisionError::Network {
+                        cluster: state.name.clone(),
+                        source,
+                    })?;
+            }
+        }
+        status_of(&docker, &host, c).await
+    }
+
+    async fn status(
+        &self,
+        _dir: &StateDir,
+        state: &ClusterState,
+        node: &str,
+    ) -> Result<NodeStatus, ProvisionError> {
+        require_node(state, node)?;
+        let section = node_section(state, node);
+        let docker = engine::connect(&section.host).await.map_err(unavailable)?;
+        status_of(&docker, &section.host, &section.container).await
+    }
+}
+
+/// Power state, pid, boots and link of a container.
+async fn status_of(
+    docker: &Docker,
+    host: &str,
+    container: &str,
+) -> Result<NodeStatus, ProvisionError> {
+    let info = docker
+        .inspect_container(container, None)
+        .await
+        .map_err(api(host, format!("inspecting container {container}")))?;
+    let st = info.state.unwrap_or_default();
+    let power = if st.paused == Some(true) {
+        PowerState::Paused
+    } else if st.running == Some(true) {
+        PowerState::Running
+    } else {
+        PowerState::Off
+    };
+    let pid = st
+        .pid
+        .filter(|p| *p > 0 && power != PowerState::Off)
+        .and_then(|p| u32::try_from(p).ok());
+    let link_up = match (pid, host_veth(docker, host, container).await) {
+        (Some(_), Ok(veth)) => std::fs::read_to_string(format!("/sys/class/net/{veth}/flags"))
+            .ok()
+            .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+            .is_none_or(|flags| flags & 1 == 1),
+        _ => true,
+    };
+    Ok(NodeStatus {
+        power,
+        pid,
+        boots: u32::try_from(info.restart_count.unwrap_or(0)).unwrap_or(0) + 1,
+        link_up,
+    })
+}
+
+/// The host side of a running container's veth: the host interface whose index is the
+/// `iflink` of the container's non-loopback interface.
+async fn host_veth(docker: &Docker, host: &str, container: &str) -> Result<String, ProvisionError> {
+    let info = docker
+        .inspect_container(container, None)
+        .await
+        .map_err(api(host, format!("inspecting container {container}")))?;
+    let pid = info.state.and_then(|s| s.pid).filter(|p| *p > 0);
+    let unsupported = |reason: String| ProvisionError::Unsupported {
+        action: PowerAction::LinkDown,
+        reason,
+    };
+    let Some(pid) = pid else {
+        return Err(unsupported(format!("container {container} is not running")));
+    };
+    let net = format!("/proc/{pid}/root/sys/class/net");
+    let read = |p: String| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let iflink = std::fs::read_dir(&net)
+        .map_err(|e| unsupported(format!("reading {net}: {e}")))?
+        .flatten()
+        .filter(|e| e.file_name() != "lo")
+        .find_map(|e| read(format!("{net}/{}/iflink", e.file_name().to_string_lossy())))
+        .ok_or_else(|| unsupported(format!("container {container} has no interface but lo")))?;
+    std::fs::read_dir("/sys/class/net")
+        .map_err(|e| unsupported(format!("reading /sys/class/net: {e}")))?
+        .flatten()
+        .find(|e| {
+            read(format!(
+                "/sys/class/net/{}/ifindex",
+                e.file_name().to_string_lossy()
+            ))
+            .as_deref()
+                == Some(iflink.as_str())
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            unsupported(format!(
+                "no host interface with index {iflink} (the veth of {container})"
+            ))
+        })
+}
