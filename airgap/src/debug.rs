@@ -27,7 +27,8 @@ pub const DEFAULT_PROXY_PORT: u16 = 8002;
 pub const DEFAULT_HTTPS_PORT: u16 = 8001;
 /// The patch file name the guide uses.
 pub const PATCH_FILE: &str = "air-gapped-patch.yaml";
-/// The trusted-roots file the patch appends to.
+/// The trusted-roots file the patch appends to (`kiln_config::types::TRUSTED_ROOTS_PATH`, the one
+/// file outside `/var` a configuration may change).
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates";
 /// The manifest the HTTPS server serves.
 pub const MANIFEST_PATH: &str = "/debug.yaml";

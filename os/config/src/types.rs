@@ -322,6 +322,10 @@ pub struct RegistryAuth {
     pub identity_token: Option<String>,
 }
 
+/// The one file outside `/var` that `machine.files` may change: the trusted roots, and only by
+/// `append` (the air-gapped guide appends its proxy's certificate to it).
+pub const TRUSTED_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates";
+
 /// One entry of `machine.files`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

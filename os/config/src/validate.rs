@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use kiln_pki::{CertificateAuthority, PemCertAndKey, ROLES, validate_token};
 
-use crate::types::{Device, MachineConfig, MachineType, Route};
+use crate::types::{Device, MachineConfig, MachineType, Route, TRUSTED_ROOTS_PATH};
 
 /// The platform a document is checked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -720,6 +720,28 @@ fn check_files(config: &MachineConfig, r: &mut Report) {
                 format!("{base}.path"),
                 "contains '..'",
                 "write the path without '..'",
+            );
+        } else if file.path == TRUSTED_ROOTS_PATH {
+            if file.op != "append" && FILE_OPS.contains(&file.op.as_str()) {
+                r.error(
+                    format!("{base}.op"),
+                    format!(
+                        "{TRUSTED_ROOTS_PATH} can only be appended to, not {:?}",
+                        file.op
+                    ),
+                    "use op: append to add certificates to the trusted roots",
+                );
+            }
+        } else if !file.path.starts_with("/var/") {
+            r.error(
+                format!("{base}.path"),
+                format!(
+                    "{} is not writable: the root filesystem of Kiln OS is read-only",
+                    file.path
+                ),
+                format!(
+                    "write under /var (e.g. /var/etc/app.conf), or append to {TRUSTED_ROOTS_PATH} to add trusted roots"
+                ),
             );
         }
         if !FILE_OPS.contains(&file.op.as_str()) {

@@ -137,9 +137,19 @@ fn other_semantic_errors() {
         &["absolute"],
     );
     assert_one_error(
-        "machine: {files: [{content: x, path: /etc/x, op: replace}]}",
+        "machine: {files: [{content: x, path: /var/etc/x, op: replace}]}",
         "machine.files[0].op",
         &["create, append, overwrite"],
+    );
+    assert_one_error(
+        "machine: {files: [{content: x, path: /etc/x, op: create}]}",
+        "machine.files[0].path",
+        &["not writable", "write under /var"],
+    );
+    assert_one_error(
+        "machine: {files: [{content: x, path: /etc/ssl/certs/ca-certificates, op: overwrite}]}",
+        "machine.files[0].op",
+        &["only be appended to"],
     );
     assert_one_error(
         "machine: {features: {kubernetesTalosAPIAccess: {enabled: true, allowedRoles: [os:root]}}}",

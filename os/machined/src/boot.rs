@@ -503,6 +503,8 @@ async fn boot(
         ),
     );
 
+    write_machine_files(node, &cfg);
+
     let is_cp = cfg.machine.machine_type == MachineType::Controlplane;
     let creds = if is_cp {
         phase(
@@ -581,9 +583,34 @@ async fn boot(
             .add(Arc::new(crate::etcd::EtcdService::new(node)));
     }
     crate::extensions::start(node);
+    if is_cp {
+        crate::manifests::start(node);
+    }
     node.set_stage(Stage::Running);
     let request = power_rx.recv().await.unwrap_or_else(power_channel_closed);
     Ok((servers, request))
+}
+
+/// Writes `machine.files`; a file that cannot be written is an event, not a failed boot.
+fn write_machine_files(node: &Node, cfg: &kiln_config::MachineConfig) {
+    if cfg.machine.files.is_empty() {
+        return;
+    }
+    let results = crate::machine_files::apply(node.platform.volumes(), &cfg.machine.files);
+    let mut written = Vec::new();
+    for (path, result) in results {
+        match result {
+            Ok(crate::machine_files::Outcome::Written) => written.push(path),
+            Ok(crate::machine_files::Outcome::Unchanged) => {}
+            Err(e) => {
+                node.events
+                    .publish(EventKind::Machine, "writeFiles", "failed", e.to_string())
+            }
+        }
+    }
+    if !written.is_empty() {
+        phase(node, "writeFiles", format!("wrote {}", written.join(", ")));
+    }
 }
 
 async fn maintenance(

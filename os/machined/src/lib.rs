@@ -19,10 +19,10 @@
 //!
 //! # Limitations
 //!
-//! The `process` and `container` platforms exist (`container` with [`pid1`] as the container's
-//! init); `metal` is an obligation the trait documents. The node's address is learned once per boot: a DHCP lease that changes
-//! address later is not followed. The Kubernetes control plane is rendered (static
-//! pods, kubeconfig) but not run: no Kubernetes binaries can be installed where Kiln is built.
+//! The node's address is learned once per boot: a DHCP lease that changes address later is
+//! not followed. The Kubernetes control plane is rendered (static pods, kubeconfig) but not
+//! run: no Kubernetes binaries can be installed where Kiln is built, so `extraManifests` are
+//! downloaded and kept ([`manifests`]), not applied.
 
 pub mod api;
 pub mod boot;
@@ -32,6 +32,8 @@ pub mod etcd;
 pub mod events;
 pub mod extensions;
 pub mod logbuf;
+pub mod machine_files;
+pub mod manifests;
 pub mod meta;
 pub mod node;
 pub mod oauth;
