@@ -201,6 +201,32 @@ fn check_airgapped(env: &Env, dir: &Path, images: &[String], images_dir: &Path) 
         "the registry's request log shows no pull of {installer}"
     );
 
+    // machined itself pulls through the lab mirror: an upgrade of a control-plane node to the
+    // listed installer fetches it from the lab registry (its configuration mirrors every
+    // registry, `*`, there). The seeded image is not a Kiln release, so the upgrade stops
+    // after the pull, before anything on the node changes. The reference names the registry
+    // by address: after its mirrors the pull falls back to the image's own host, and a name
+    // there would be looked up by machined (on process nodes, with the host's resolver).
+    let cp_addr = st["nodes"][0]["address"].as_str().unwrap();
+    let before = pulls(&log);
+    let upgrade = env.kiln(&[
+        "-n",
+        cp_addr,
+        "upgrade",
+        "--image",
+        &format!("{registry}/{installer}"),
+    ]);
+    assert!(!upgrade.status.success(), "{}", text(&upgrade));
+    assert!(
+        pulls(&log) > before,
+        "machined did not pull {installer} through the lab mirror:\n{}",
+        text(&upgrade)
+    );
+    eprintln!(
+        "upgrade to a seeded (non-release) installer: {}",
+        text(&upgrade)
+    );
+
     // Lab names over UDP and TCP; outside names refused.
     let dig = |q: &str, tcp: bool| {
         let mut args = vec![
