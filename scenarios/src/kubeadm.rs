@@ -380,7 +380,11 @@ fn addresses(state: &ClusterState, count: usize) -> anyhow::Result<(Vec<Ipv4Addr
 impl Legacy {
     /// Builds the control plane: PKI, `count` etcd members in their namespaces, HAProxy in
     /// front of them; waits until etcd answers through HAProxy.
-    pub async fn create(dir: &StateDir, state: &ClusterState, count: usize) -> anyhow::Result<Self> {
+    pub async fn create(
+        dir: &StateDir,
+        state: &ClusterState,
+        count: usize,
+    ) -> anyhow::Result<Self> {
         let Some(bridge) = state.network.bridge.clone() else {
             bail!(
                 "the kubeadm control plane attaches its nodes to the cluster bridge, which the \
@@ -650,8 +654,35 @@ impl Legacy {
             own.move_leader(to.id()).await?;
             moved = format!("leadership moved to {}, ", to.name());
         }
-        let mut others = self.client_direct(Some(&node.name)).await?;
-        others.member_remove(member.id()).await?;
+        let others = self.client_direct(Some(&node.name)).await?;
+        let member_id = member.id();
+        // etcd refuses a removal ("unhealthy cluster") until the remaining members have been
+        // connected to each other for 5 s (its strict reconfiguration check), as on a cluster
+        // that just started: wait for that, on etcd's code, not its text.
+        until(
+            format!("etcd to accept the removal of {}", node.name),
+            Poll::backoff(
+                Duration::from_millis(100),
+                Duration::from_millis(500),
+                Duration::from_secs(15),
+            ),
+            || {
+                let mut others = others.clone();
+                async move {
+                    match others.member_remove(member_id).await {
+                        Ok(_) => Ok(Ok(())),
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.code() == tonic::Code::Unavailable =>
+                        {
+                            Err(s.message().to_owned())
+                        }
+                        Err(e) => Ok(Err(e)),
+                    }
+                }
+            },
+        )
+        .await
+        .map_err(|t| anyhow::anyhow!("{t}"))??;
         self.nodes[i].destroyed = true;
         self.destroy_node(&node).await;
         Ok(format!(
@@ -712,7 +743,11 @@ impl Legacy {
     /// --kubernetes-bootstrap-token TOKEN` (the guide's steps 1-3: the PKI directory is taken
     /// from a control-plane node).
     pub async fn gen_secrets(&mut self) -> anyhow::Result<String> {
-        let node = self.live().next().context("no legacy node is left")?.clone();
+        let node = self
+            .live()
+            .next()
+            .context("no legacy node is left")?
+            .clone();
         let pki = node.pki().display().to_string();
         let out = self.dir.join("kiln");
         std::fs::create_dir_all(&out)?;
@@ -767,7 +802,7 @@ impl Legacy {
         for f in ["controlplane.yaml", "worker.yaml"] {
             let text = std::fs::read_to_string(out.join(f))?;
             let cfg: kiln_config::MachineConfig =
-                kiln_config::from_yaml(&text).with_context(|| format!("{f}"))?;
+                kiln_config::from_yaml(&text).with_context(|| f.to_string())?;
             if cfg.cluster.control_plane.endpoint != endpoint {
                 bail!(
                     "{f} has endpoint {}, not the load balancer's {endpoint}",
@@ -776,7 +811,9 @@ impl Legacy {
             }
         }
         self.configs = Some(out);
-        Ok(format!("controlplane.yaml and worker.yaml with endpoint {endpoint}"))
+        Ok(format!(
+            "controlplane.yaml and worker.yaml with endpoint {endpoint}"
+        ))
     }
 
     /// The CA certificates (and the service-account key) in the generated configurations are
@@ -784,16 +821,18 @@ impl Legacy {
     pub fn assert_cas_kept(&self) -> anyhow::Result<String> {
         let out = self.configs.clone().context("run genConfig first")?;
         let pki = self.dir.join("pki");
-        let file = |f: &str| {
-            std::fs::read_to_string(pki.join(f)).with_context(|| format!("reading {f}"))
-        };
+        let file =
+            |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("reading {f}"));
         let load = |f: &str| -> anyhow::Result<kiln_config::MachineConfig> {
-            Ok(kiln_config::from_yaml(&std::fs::read_to_string(out.join(f))?)?)
+            Ok(kiln_config::from_yaml(&std::fs::read_to_string(
+                out.join(f),
+            )?)?)
         };
         let cp = load("controlplane.yaml")?;
         let worker = load("worker.yaml")?;
         let pem = |what: &str, p: Option<&kiln_pki::PemCertAndKey>| -> anyhow::Result<String> {
-            Ok(p.with_context(|| format!("{what} is missing"))?.cert_pem()?)
+            Ok(p.with_context(|| format!("{what} is missing"))?
+                .cert_pem()?)
         };
         let mut checked = Vec::new();
         let mut same = |what: &str, got: String, want: String| -> anyhow::Result<()> {

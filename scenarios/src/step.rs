@@ -382,9 +382,9 @@ impl Step {
                 }
             ),
             Self::Rollback(n) => format!("roll back {n}"),
-            Self::CreateKubeadmControlPlane { nodes } => format!(
-                "build a kubeadm control plane: {nodes} etcd nodes behind HAProxy"
-            ),
+            Self::CreateKubeadmControlPlane { nodes } => {
+                format!("build a kubeadm control plane: {nodes} etcd nodes behind HAProxy")
+            }
             Self::GenSecretsFromKubernetesPki => {
                 "gen secrets --from-kubernetes-pki --kubernetes-bootstrap-token".into()
             }
