@@ -83,6 +83,8 @@ pub struct Legacy {
     pub lb: Ipv4Addr,
     lb_netns: String,
     lb_veth: String,
+    /// Kiln control-plane nodes that joined etcd: (name, address), HAProxy backends too.
+    pub kiln_members: Vec<(String, Ipv4Addr)>,
     /// Every HAProxy process started (a reload starts a new one; the old one finishes its
     /// connections and exits).
     haproxies: Vec<Identity>,
@@ -424,6 +426,7 @@ impl Legacy {
             lb,
             lb_netns: format!("kiln-{}-kubeadm-lb", state.name),
             lb_veth: format!("kv{}kl", &id[2..]),
+            kiln_members: Vec::new(),
             haproxies: Vec::new(),
             reloads: 0,
             mark: dir.owner_mark(),
@@ -557,12 +560,18 @@ impl Legacy {
         (self.endpoint(), self.tls())
     }
 
-    /// A client straight to the live nodes (not through HAProxy), for membership changes.
+    /// A client straight to the live legacy nodes and the Kiln members (not through HAProxy),
+    /// for membership changes.
     async fn client_direct(&self, except: Option<&str>) -> anyhow::Result<etcd_client::Client> {
         let urls: Vec<String> = self
             .live()
             .filter(|n| Some(n.name.as_str()) != except)
             .map(LegacyNode::client_url)
+            .chain(
+                self.kiln_members
+                    .iter()
+                    .map(|(_, a)| format!("https://{a}:{ETCD_CLIENT_PORT}")),
+            )
             .collect();
         Ok(etcd_client::Client::connect(urls, Some(self.tls())).await?)
     }
@@ -577,6 +586,7 @@ impl Legacy {
              global\n    maxconn 1000\n\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    retries 3\n    option redispatch\n\
              frontend control-plane\n    bind {lb}:{ENDPOINT_PORT}\n    default_backend control-plane\n\
+             frontend etcd\n    bind {lb}:{ETCD_CLIENT_PORT}\n    default_backend control-plane\n\
              backend control-plane\n    balance roundrobin\n",
             lb = self.lb
         );
@@ -584,6 +594,11 @@ impl Legacy {
             text += &format!(
                 "    server {} {}:{ETCD_CLIENT_PORT} check inter 500ms fall 2 rise 1\n",
                 n.name, n.address
+            );
+        }
+        for (name, address) in &self.kiln_members {
+            text += &format!(
+                "    server {name} {address}:{ETCD_CLIENT_PORT} check inter 500ms fall 2 rise 1\n"
             );
         }
         std::fs::write(&cfg, text)?;
@@ -625,7 +640,7 @@ impl Legacy {
         if node.destroyed {
             bail!("{} was already removed", node.name);
         }
-        if self.live().count() < 2 {
+        if self.live().count() + self.kiln_members.len() < 2 {
             bail!(
                 "{} is the last member of the kubeadm etcd cluster; join a Kiln node first",
                 node.name
@@ -701,6 +716,76 @@ impl Legacy {
             let _ = netlink::delete_marked_link(&handle, veth, &self.mark).await;
         }
         let _ = netlink::delete_netns(netns).await;
+    }
+
+    /// The guide's steps 9-12 for a Kiln node booted in maintenance mode at `address`:
+    /// `apply-config --insecure` the generated `controlplane.yaml` or `worker.yaml`; for a
+    /// control-plane node, wait until it is a voting etcd member (it joins as a learner and is
+    /// promoted), then add it to HAProxy's backends and reload.
+    pub async fn apply_config(
+        &mut self,
+        name: &str,
+        address: Ipv4Addr,
+        controlplane: bool,
+    ) -> anyhow::Result<String> {
+        let out = self
+            .configs
+            .clone()
+            .context("run genConfigWithKubeadmSecrets first")?;
+        let file = if controlplane {
+            "controlplane.yaml"
+        } else {
+            "worker.yaml"
+        };
+        let data = std::fs::read(out.join(file))?;
+        let addr = address.to_string();
+        until(
+            format!("{name} to take {file} (apply-config --insecure)"),
+            Poll::every(Duration::from_millis(300), Duration::from_secs(60)),
+            || {
+                let data = data.clone();
+                let addr = addr.clone();
+                async move {
+                    let ch = kiln_os_api::client::connect_insecure(&addr).await?;
+                    let mut c = kiln_os_api::client::machine_client(ch);
+                    c.apply_configuration(kiln_os_api::pb::ApplyConfigurationRequest {
+                        data,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("apply-config: {}", s.message()))?;
+                    anyhow::Ok(())
+                }
+            },
+        )
+        .await
+        .map_err(|t| anyhow::anyhow!("{t}"))?;
+        if !controlplane {
+            return Ok(format!("{file} applied"));
+        }
+        let started = std::time::Instant::now();
+        until(
+            format!("{name} to be a voting etcd member"),
+            Poll::every(Duration::from_millis(300), Duration::from_secs(90)),
+            || async {
+                let mut c = self.client_through_lb().await?;
+                let list = c.member_list().await?;
+                match list.members().iter().find(|m| m.name() == name) {
+                    Some(m) if !m.is_learner() => anyhow::Ok(()),
+                    Some(_) => bail!("{name} is a learner"),
+                    None => bail!("{name} is not a member (started) yet"),
+                }
+            },
+        )
+        .await
+        .map_err(|t| anyhow::anyhow!("{t}"))?;
+        let joined = started.elapsed();
+        self.kiln_members.push((name.to_owned(), address));
+        self.reload_haproxy()?;
+        Ok(format!(
+            "{file} applied; a voting etcd member {:.1}s later; HAProxy reloaded with it",
+            joined.as_secs_f64()
+        ))
     }
 
     /// The member names of the etcd cluster (asked through HAProxy).

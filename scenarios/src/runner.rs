@@ -604,6 +604,32 @@ async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Res
             }
             format!("members: {}", got.join(", "))
         }
+        Step::ApplyKubeadmConfig {
+            node,
+            control_plane,
+        } => {
+            let n = h.node(*node)?.clone();
+            let std::net::IpAddr::V4(address) = n.address else {
+                bail!("{node} has no IPv4 address");
+            };
+            kubeadm(h)?
+                .apply_config(&n.name, address, *control_plane)
+                .await?
+        }
+        Step::AssertOnlyKilnMembers(want) => {
+            let lab: Vec<String> = h
+                .created
+                .state
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .collect();
+            let got = kubeadm(h)?.member_names().await?;
+            if got.len() != *want || got.iter().any(|m| !lab.contains(m)) {
+                bail!("the etcd members are {got:?}, expected {want} Kiln nodes");
+            }
+            format!("members: {}", got.join(", "))
+        }
         Step::AssertNoFailedWrites => {
             let w = h.workload.lock().unwrap_or_else(|e| e.into_inner());
             let detail = format!(

@@ -299,6 +299,19 @@ pub enum Step {
     RemoveKubeadmNode(usize),
     /// The etcd member list (read through HAProxy) is exactly these names.
     AssertEtcdMemberNames(Vec<String>),
+    /// `apply-config --insecure` the generated `controlplane.yaml` (`controlPlane: true`) or
+    /// `worker.yaml` to a node booted in maintenance mode (a maintenance worker of the cluster
+    /// file: the configuration decides its role). A control-plane node must join the kubeadm
+    /// etcd cluster (learner, then promoted); it is then added to HAProxy's backends.
+    ApplyKubeadmConfig {
+        /// The node.
+        node: NodeRef,
+        /// Apply `controlplane.yaml` (else `worker.yaml`).
+        #[serde(default)]
+        control_plane: bool,
+    },
+    /// The etcd members (read through HAProxy) are exactly this many, all Kiln nodes.
+    AssertOnlyKilnMembers(usize),
     /// No request of the background writer failed (through the load balancer, for the kubeadm
     /// control plane) and it made at least one.
     AssertNoFailedWrites,
@@ -401,6 +414,25 @@ impl Step {
                 format!("assert the etcd members are {}", names.join(", "))
             }
             Self::AssertNoFailedWrites => "assert no write of the writer failed".into(),
+            Self::ApplyKubeadmConfig {
+                node,
+                control_plane,
+            } => format!(
+                "apply-config --insecure {} to {node}{}",
+                if *control_plane {
+                    "controlplane.yaml"
+                } else {
+                    "worker.yaml"
+                },
+                if *control_plane {
+                    ", wait for its etcd member, add it to HAProxy"
+                } else {
+                    ""
+                }
+            ),
+            Self::AssertOnlyKilnMembers(n) => {
+                format!("assert the etcd members are {n} Kiln nodes only")
+            }
             Self::AssertRelease { node, release } => match node {
                 Some(n) => format!("assert {n} runs {release:?}"),
                 None => format!("assert every node runs {release:?}"),
@@ -411,7 +443,9 @@ impl Step {
     /// The nodes the step names (checked against the cluster's shape).
     pub fn nodes(&self) -> Vec<NodeRef> {
         match self {
-            Self::Snapshot { node, .. } | Self::Upgrade { node, .. } => vec![*node],
+            Self::Snapshot { node, .. }
+            | Self::Upgrade { node, .. }
+            | Self::ApplyKubeadmConfig { node, .. } => vec![*node],
             Self::AssertRelease { node, .. } => node.iter().copied().collect(),
             Self::PowerOff(n)
             | Self::PowerOn(n)
@@ -451,6 +485,7 @@ impl Step {
             | Self::AssertKubeadmCasKept
             | Self::RemoveKubeadmNode(_)
             | Self::AssertEtcdMemberNames(_)
+            | Self::AssertOnlyKilnMembers(_)
             | Self::AssertNoFailedWrites => vec![],
         }
     }
