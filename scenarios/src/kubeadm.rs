@@ -32,6 +32,7 @@ use kiln_provisioner::state::{ClusterState, StateDir};
 pub const ENDPOINT_PORT: u16 = 6443;
 const ETCD_CLIENT_PORT: u16 = 2379;
 const ETCD_PEER_PORT: u16 = 2380;
+use kiln_os_api::contract::{API_PORT, TRUST_PORT};
 
 /// The bootstrap token of the rehearsal (`kubeadm token create --ttl 0` on a real cluster).
 pub const BOOTSTRAP_TOKEN: &str = "kubead.m1grat10nt0ken00";
@@ -601,6 +602,20 @@ impl Legacy {
                 "    server {name} {address}:{ETCD_CLIENT_PORT} check inter 500ms fall 2 rise 1\n"
             );
         }
+        // The Kiln nodes' OS API and trustd (where workers get their API certificate with the
+        // machine token) at the endpoint too; the legacy nodes have neither.
+        for (service, port) in [("os-api", API_PORT), ("trustd", TRUST_PORT)] {
+            text += &format!(
+                "frontend {service}\n    bind {lb}:{port}\n    default_backend {service}\n\
+                 backend {service}\n    balance roundrobin\n",
+                lb = self.lb
+            );
+            for (name, address) in &self.kiln_members {
+                text += &format!(
+                    "    server {name} {address}:{port} check inter 500ms fall 2 rise 1\n"
+                );
+            }
+        }
         std::fs::write(&cfg, text)?;
         let cfg = cfg.display().to_string();
         run_blocking("haproxy", &["-c", "-q", "-f", &cfg])?;
@@ -761,7 +776,11 @@ impl Legacy {
         .await
         .map_err(|t| anyhow::anyhow!("{t}"))?;
         if !controlplane {
-            return Ok(format!("{file} applied"));
+            let ready = self.wait_running(name, &addr).await?;
+            return Ok(format!(
+                "{file} applied; running {:.1}s later (API certificate from trustd through HAProxy)",
+                ready.as_secs_f64()
+            ));
         }
         let started = std::time::Instant::now();
         until(
@@ -780,12 +799,65 @@ impl Legacy {
         .await
         .map_err(|t| anyhow::anyhow!("{t}"))?;
         let joined = started.elapsed();
+        let ready = self.wait_running(name, &addr).await?;
         self.kiln_members.push((name.to_owned(), address));
         self.reload_haproxy()?;
         Ok(format!(
-            "{file} applied; a voting etcd member {:.1}s later; HAProxy reloaded with it",
-            joined.as_secs_f64()
+            "{file} applied; a voting etcd member {:.1}s later, running {:.1}s later; HAProxy reloaded with it",
+            joined.as_secs_f64(),
+            ready.as_secs_f64()
         ))
+    }
+
+    /// Waits until the node's OS API, reached with the admin credentials `gen config` wrote
+    /// (`kilnconfig`, from the imported secrets' OS CA), answers with stage `running` (the
+    /// guide's "verify that the new node is ready"); returns how long it took.
+    async fn wait_running(&self, name: &str, addr: &str) -> anyhow::Result<Duration> {
+        let out = self
+            .configs
+            .clone()
+            .context("run genConfigWithKubeadmSecrets first")?;
+        let path = out.join("kilnconfig");
+        let config = kiln_config::ClientConfig::load(&path)?;
+        let (_, ctx) = config.context(None, &path)?;
+        let decode = |what: &str, b64: &str| {
+            kiln_pki::decode_base64_pem(b64).with_context(|| format!("kilnconfig {what}"))
+        };
+        let creds = kiln_os_api::client::Credentials {
+            ca_pem: decode("ca", &ctx.ca)?,
+            cert_pem: decode("crt", &ctx.crt)?,
+            key_pem: decode("key", &ctx.key)?,
+        };
+        let started = std::time::Instant::now();
+        until(
+            format!("{name} to run with its configuration"),
+            Poll::every(Duration::from_millis(300), Duration::from_secs(90)),
+            || async {
+                let ch = kiln_os_api::client::connect(addr, &creds).await?;
+                let mut c = kiln_os_api::client::machine_client(ch);
+                let v = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    c.version(kiln_os_api::pb::Empty {}),
+                )
+                .await?
+                .map_err(|s| anyhow::anyhow!("version: {}", s.message()))?;
+                let stage = v
+                    .into_inner()
+                    .messages
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default()
+                    .stage();
+                if stage == kiln_os_api::pb::Stage::Running {
+                    anyhow::Ok(())
+                } else {
+                    bail!("stage {stage}")
+                }
+            },
+        )
+        .await
+        .map_err(|t| anyhow::anyhow!("{t}"))?;
+        Ok(started.elapsed())
     }
 
     /// The member names of the etcd cluster (asked through HAProxy).
