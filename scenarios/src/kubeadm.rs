@@ -16,6 +16,13 @@
 //! pidfiles and log. Processes are known by pidfile identity (pid and start time), namespaces
 //! and host-side veths by name, the veths also by the cluster's owner mark. [`Legacy::destroy`]
 //! removes all of it; the cluster's `destroy` runs it first.
+//!
+//! # Limitations
+//!
+//! `kiln cluster destroy` does not know these objects: if the harness is killed mid-run they
+//! stay (namespaces `kiln-<cluster>-kubeadm-*`, processes naming the state directory). HAProxy
+//! retries a refused connection elsewhere, so the writer's failure count shows that the
+//! endpoint answered, not the order of the steps.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
