@@ -431,8 +431,12 @@ fn locate_kiln() -> Result<PathBuf, String> {
 }
 
 /// Why the docker provisioner cannot run `scenario` at all, if it cannot: the upgrade
-/// scenarios need A/B slots, which it does not have yet. (What needs root is the trial's tier.)
+/// scenarios need A/B slots, which it does not have yet, and the kubeadm control plane is built
+/// on the process provisioner's bridge only. (What needs root is the trial's tier.)
 fn docker_lacks(scenario: &Scenario) -> Option<String> {
+    if scenario.needs_kubeadm() {
+        return runner::unavailable(scenario, "docker");
+    }
     let docker = kiln_provisioner::provision::by_name("docker").ok()?;
     let caps = docker.capabilities(kiln_provisioner::state::NetworkMode::Bridge);
     scenario.needs_slots().then_some(caps.slots.err()).flatten()
