@@ -63,6 +63,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "upgrade-quorum-refused.yaml",
         include_str!("../builtin/upgrade-quorum-refused.yaml"),
     ),
+    (
+        "kubeadm-migration.yaml",
+        include_str!("../builtin/kubeadm-migration.yaml"),
+    ),
 ];
 
 /// Every built-in scenario. The shipped files are checked by this crate's tests, so a parse
@@ -107,6 +111,8 @@ mod tests {
         assert!(find("node-reboot").is_some_and(|s| !s.needs_link_faults()));
         assert!(find("rollback").is_some_and(|s| s.needs_slots()));
         assert!(find("node-reboot").is_some_and(|s| !s.needs_slots()));
+        assert!(find("kubeadm-migration").is_some_and(|s| s.needs_kubeadm()));
+        assert!(find("node-reboot").is_some_and(|s| !s.needs_kubeadm()));
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct ClusterHandle {
     )>,
     /// The releases of an upgrade scenario and their registry.
     pub releases: Option<crate::upgrade::Releases>,
+    /// The kubeadm control plane of the migration rehearsal, once built: the scenario's etcd
+    /// clients then go through its HAProxy.
+    pub kubeadm: Option<crate::kubeadm::Legacy>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -68,6 +71,7 @@ impl ClusterHandle {
             db_sizes: Vec::new(),
             writer: None,
             releases: None,
+            kubeadm: None,
         })
     }
 
@@ -107,6 +111,9 @@ impl ClusterHandle {
 
     /// One etcd client per control-plane node (writes fail over between them).
     pub async fn etcd_clients(&self) -> anyhow::Result<Vec<etcd_client::Client>> {
+        if let Some(legacy) = &self.kubeadm {
+            return Ok(vec![legacy.client_through_lb().await?]);
+        }
         let ca = self.created.secrets.etcd_ca()?;
         let leaf = ca.issue(&kiln_pki::LeafRequest::client(
             "kiln-scenario",
@@ -244,8 +251,12 @@ impl ClusterHandle {
     }
 
     /// Starts writing continuously in the background.
+    /// With a kubeadm control plane, each write is a new connection through its HAProxy, so
+    /// every request meets the load balancer's configuration of that moment (and a failed
+    /// connection counts as a failed write).
     pub async fn start_writer(&mut self) -> anyhow::Result<()> {
         let mut clients = self.etcd_clients().await?;
+        let through_lb = self.kubeadm.as_ref().map(crate::kubeadm::Legacy::connector);
         let workload = self.workload.clone();
         let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -254,7 +265,23 @@ impl ClusterHandle {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .next_key();
-                let acked = workload::put(&mut clients, &key, Duration::from_secs(2)).await;
+                let acked = match &through_lb {
+                    Some((endpoint, options)) => {
+                        let put = async {
+                            let mut c = etcd_client::Client::connect(
+                                [endpoint.as_str()],
+                                Some(options.clone()),
+                            )
+                            .await?;
+                            c.put(key.as_str(), "kiln-scenario", None).await
+                        };
+                        matches!(
+                            tokio::time::timeout(Duration::from_secs(3), put).await,
+                            Ok(Ok(_))
+                        )
+                    }
+                    None => workload::put(&mut clients, &key, Duration::from_secs(2)).await,
+                };
                 workload
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -541,6 +568,18 @@ impl ClusterHandle {
                 let _ = std::fs::copy(&p, dir.join(&name));
             }
         }
+        if let Some(legacy) = &self.kubeadm {
+            let logs = std::iter::once(legacy.dir.join("haproxy.log"))
+                .chain(legacy.nodes.iter().map(|n| n.root.join("etcd.log")));
+            for (i, log) in logs.enumerate() {
+                let name = if i == 0 {
+                    "kubeadm-haproxy.log".to_owned()
+                } else {
+                    format!("{}-etcd.log", legacy.nodes[i - 1].name)
+                };
+                let _ = std::fs::copy(&log, dir.join(name));
+            }
+        }
         let Ok(mut api) = tokio::time::timeout(CALL, self.api())
             .await
             .map_err(anyhow::Error::from)
@@ -619,6 +658,9 @@ impl ClusterHandle {
     /// Destroys the cluster.
     pub async fn destroy(mut self) -> anyhow::Result<()> {
         self.stop_writer().await;
+        if let Some(mut legacy) = self.kubeadm.take() {
+            legacy.destroy().await;
+        }
         kiln_provisioner::destroy::destroy(&self.created.dir, false, &Progress::plain()).await?;
         Ok(())
     }

@@ -106,6 +106,11 @@ impl Scenario {
         self.steps.iter().any(Step::needs_link_faults)
     }
 
+    /// Whether the scenario builds a kubeadm control plane (root, HAProxy).
+    pub fn needs_kubeadm(&self) -> bool {
+        self.steps.iter().any(Step::needs_kubeadm)
+    }
+
     /// Whether some step pauses a node.
     pub fn needs_pause(&self) -> bool {
         self.steps.iter().any(Step::needs_pause)

@@ -13,6 +13,8 @@
 //!   and unexpected keys.
 //! - [`maintenance`] holds the guide's etcd maintenance steps (NOSPACE, alarms, compaction,
 //!   defragmentation).
+//! - [`kubeadm`] builds a kubeadm-style control plane (real etcd, kubeadm's PKI, HAProxy) for
+//!   the migration rehearsal.
 //! - [`runner::run`] times each step, and on failure writes a crash dump (every node's console
 //!   log, service logs and events, `state.yaml`) into the artifacts directory, then destroys
 //!   the cluster unless asked to keep it. [`junit`] writes JUnit XML.
@@ -29,6 +31,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod file;
 pub mod junit;
+pub mod kubeadm;
 pub mod maintenance;
 pub mod runner;
 pub mod step;

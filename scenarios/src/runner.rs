@@ -173,6 +173,34 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
     {
         return Some(why);
     }
+    if scenario.needs_kubeadm() {
+        if provisioner != kiln_provisioner::provision::process::NAME {
+            return Some(
+                "the kubeadm control plane is built on the process provisioner's bridge only"
+                    .to_owned(),
+            );
+        }
+        if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
+            return Some(
+                "the kubeadm control plane puts its nodes in network namespaces on the cluster \
+                 bridge, which needs root"
+                    .to_owned(),
+            );
+        }
+        for (tool, arg) in [("haproxy", "-v"), ("openssl", "version")] {
+            let ok = std::process::Command::new(tool)
+                .arg(arg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Some(format!(
+                    "{tool} is not installed (scripts/install-deps installs it)"
+                ));
+            }
+        }
+    }
     None
 }
 
@@ -532,6 +560,92 @@ async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Res
         Step::AssertRelease { node, release } => {
             crate::upgrade::assert_release(h, *node, *release).await?
         }
+        Step::CreateKubeadmControlPlane { nodes } => {
+            if h.kubeadm.is_some() {
+                bail!("the scenario already built its kubeadm control plane");
+            }
+            let legacy =
+                crate::kubeadm::Legacy::create(&h.created.dir, &h.created.state, *nodes).await;
+            match legacy {
+                Ok(l) => {
+                    let detail = format!(
+                        "{} at {}, HAProxy at {}",
+                        l.nodes
+                            .iter()
+                            .map(|n| n.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        l.nodes
+                            .iter()
+                            .map(|n| n.address.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        l.endpoint()
+                    );
+                    h.kubeadm = Some(l);
+                    detail
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Step::GenSecretsFromKubernetesPki => kubeadm(h)?.gen_secrets().await?,
+        Step::GenConfigWithKubeadmSecrets => {
+            let name = h.created.state.name.clone();
+            kubeadm(h)?.gen_config(&name).await?
+        }
+        Step::AssertKubeadmCasKept => kubeadm(h)?.assert_cas_kept()?,
+        Step::RemoveKubeadmNode(i) => kubeadm(h)?.remove_node(*i).await?,
+        Step::AssertEtcdMemberNames(want) => {
+            let mut want = want.clone();
+            want.sort();
+            let got = kubeadm(h)?.member_names().await?;
+            if got != want {
+                bail!("the etcd members are {got:?}, expected {want:?}");
+            }
+            format!("members: {}", got.join(", "))
+        }
+        Step::ApplyKubeadmConfig {
+            node,
+            control_plane,
+        } => {
+            let n = h.node(*node)?.clone();
+            let std::net::IpAddr::V4(address) = n.address else {
+                bail!("{node} has no IPv4 address");
+            };
+            kubeadm(h)?
+                .apply_config(&n.name, address, *control_plane)
+                .await?
+        }
+        Step::AssertOnlyKilnMembers(want) => {
+            let lab: Vec<String> = h
+                .created
+                .state
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .collect();
+            let got = kubeadm(h)?.member_names().await?;
+            if got.len() != *want || got.iter().any(|m| !lab.contains(m)) {
+                bail!("the etcd members are {got:?}, expected {want} Kiln nodes");
+            }
+            format!("members: {}", got.join(", "))
+        }
+        Step::AssertNoFailedWrites => {
+            let w = h.workload.lock().unwrap_or_else(|e| e.into_inner());
+            let detail = format!(
+                "{} writes, {} acknowledged, {} failed",
+                w.attempted.len(),
+                w.acked.len(),
+                w.failures
+            );
+            if w.failures > 0 {
+                bail!("{detail}");
+            }
+            if w.acked.is_empty() {
+                bail!("nothing was written, so nothing was checked");
+            }
+            detail
+        }
         Step::AssertKeyPresent(key) => {
             let mut found = false;
             for mut c in h.etcd_clients().await? {
@@ -546,6 +660,12 @@ async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Res
             String::new()
         }
     })
+}
+
+fn kubeadm(h: &mut ClusterHandle) -> anyhow::Result<&mut crate::kubeadm::Legacy> {
+    h.kubeadm
+        .as_mut()
+        .context("run createKubeadmControlPlane first")
 }
 
 /// Runs `scenario`; the cluster is named after it ([`RunOptions::cluster_name`]).

@@ -134,6 +134,10 @@ fn health_timeout() -> Duration {
     Duration::from_secs(180)
 }
 
+fn kubeadm_nodes() -> usize {
+    3
+}
+
 fn fill_value_bytes() -> usize {
     256 * 1024
 }
@@ -273,6 +277,44 @@ pub enum Step {
     },
     /// `rollback` a node and wait for it.
     Rollback(NodeRef),
+    /// Build a kubeadm-style control plane ([`crate::kubeadm`]): `nodes` legacy nodes running
+    /// etcd with kubeadm's PKI, each in its own namespace on the cluster network, behind
+    /// HAProxy as the existing load balancer. From here on the scenario's etcd clients (the
+    /// writer too) go through HAProxy.
+    CreateKubeadmControlPlane {
+        /// How many legacy control-plane nodes (default 3).
+        #[serde(default = "kubeadm_nodes")]
+        nodes: usize,
+    },
+    /// `kiln gen secrets --from-kubernetes-pki DIR --kubernetes-bootstrap-token TOKEN` with a
+    /// legacy node's `/etc/kubernetes/pki`.
+    GenSecretsFromKubernetesPki,
+    /// `kiln gen config --with-secrets` with HAProxy as the control-plane endpoint.
+    GenConfigWithKubeadmSecrets,
+    /// The CA certificates (and keys) in the generated configurations are byte-identical to
+    /// the kubeadm files.
+    AssertKubeadmCasKept,
+    /// HAProxy's backends rewritten without legacy node N and HAProxy reloaded (`-sf`), its
+    /// etcd member removed (leadership moved off it first) and the node destroyed.
+    RemoveKubeadmNode(usize),
+    /// The etcd member list (read through HAProxy) is exactly these names.
+    AssertEtcdMemberNames(Vec<String>),
+    /// `apply-config --insecure` the generated `controlplane.yaml` (`controlPlane: true`) or
+    /// `worker.yaml` to a node booted in maintenance mode (a maintenance worker of the cluster
+    /// file: the configuration decides its role). A control-plane node must join the kubeadm
+    /// etcd cluster (learner, then promoted); it is then added to HAProxy's backends.
+    ApplyKubeadmConfig {
+        /// The node.
+        node: NodeRef,
+        /// Apply `controlplane.yaml` (else `worker.yaml`).
+        #[serde(default)]
+        control_plane: bool,
+    },
+    /// The etcd members (read through HAProxy) are exactly this many, all Kiln nodes.
+    AssertOnlyKilnMembers(usize),
+    /// No request of the background writer failed (through the load balancer, for the kubeadm
+    /// control plane) and it made at least one.
+    AssertNoFailedWrites,
     /// The node (every node without `node`) runs this release.
     AssertRelease {
         /// The node; every node when absent.
@@ -353,6 +395,44 @@ impl Step {
                 }
             ),
             Self::Rollback(n) => format!("roll back {n}"),
+            Self::CreateKubeadmControlPlane { nodes } => {
+                format!("build a kubeadm control plane: {nodes} etcd nodes behind HAProxy")
+            }
+            Self::GenSecretsFromKubernetesPki => {
+                "gen secrets --from-kubernetes-pki --kubernetes-bootstrap-token".into()
+            }
+            Self::GenConfigWithKubeadmSecrets => {
+                "gen config --with-secrets, HAProxy as the endpoint".into()
+            }
+            Self::AssertKubeadmCasKept => {
+                "assert the configs' CAs are byte-identical to kubeadm's".into()
+            }
+            Self::RemoveKubeadmNode(i) => format!(
+                "remove kubeadm-cp-{i}: HAProxy backends, etcd member remove, destroy the node"
+            ),
+            Self::AssertEtcdMemberNames(names) => {
+                format!("assert the etcd members are {}", names.join(", "))
+            }
+            Self::AssertNoFailedWrites => "assert no write of the writer failed".into(),
+            Self::ApplyKubeadmConfig {
+                node,
+                control_plane,
+            } => format!(
+                "apply-config --insecure {} to {node}{}",
+                if *control_plane {
+                    "controlplane.yaml"
+                } else {
+                    "worker.yaml"
+                },
+                if *control_plane {
+                    ", wait for its etcd member, add it to HAProxy"
+                } else {
+                    ""
+                }
+            ),
+            Self::AssertOnlyKilnMembers(n) => {
+                format!("assert the etcd members are {n} Kiln nodes only")
+            }
             Self::AssertRelease { node, release } => match node {
                 Some(n) => format!("assert {n} runs {release:?}"),
                 None => format!("assert every node runs {release:?}"),
@@ -363,7 +443,9 @@ impl Step {
     /// The nodes the step names (checked against the cluster's shape).
     pub fn nodes(&self) -> Vec<NodeRef> {
         match self {
-            Self::Snapshot { node, .. } | Self::Upgrade { node, .. } => vec![*node],
+            Self::Snapshot { node, .. }
+            | Self::Upgrade { node, .. }
+            | Self::ApplyKubeadmConfig { node, .. } => vec![*node],
             Self::AssertRelease { node, .. } => node.iter().copied().collect(),
             Self::PowerOff(n)
             | Self::PowerOn(n)
@@ -396,7 +478,15 @@ impl Step {
             | Self::Compact
             | Self::Defrag
             | Self::DisarmAlarms
-            | Self::UpgradeAll { .. } => vec![],
+            | Self::UpgradeAll { .. }
+            | Self::CreateKubeadmControlPlane { .. }
+            | Self::GenSecretsFromKubernetesPki
+            | Self::GenConfigWithKubeadmSecrets
+            | Self::AssertKubeadmCasKept
+            | Self::RemoveKubeadmNode(_)
+            | Self::AssertEtcdMemberNames(_)
+            | Self::AssertOnlyKilnMembers(_)
+            | Self::AssertNoFailedWrites => vec![],
         }
     }
 
@@ -415,6 +505,12 @@ impl Step {
                 | Self::Rollback(_)
                 | Self::AssertRelease { .. }
         )
+    }
+
+    /// Whether the step needs the kubeadm control plane's peers: the cluster bridge (root),
+    /// `haproxy` and `openssl`.
+    pub fn needs_kubeadm(&self) -> bool {
+        matches!(self, Self::CreateKubeadmControlPlane { .. })
     }
 
     /// Whether the step pauses or resumes a node (a provisioner capability).

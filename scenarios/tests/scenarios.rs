@@ -184,6 +184,9 @@ fn scenario_trial(scenario: Scenario, provisioner: &'static str) -> Trial {
                 Tier::ImageTools,
                 Tier::Etcd,
             ]
+        } else if scenario.needs_kubeadm() {
+            // Legacy nodes in network namespaces on the bridge, HAProxy, kubeadm's PKI.
+            &[Tier::Root, Tier::Etcd, Tier::Haproxy, Tier::Openssl]
         } else {
             &[Tier::Etcd]
         };
@@ -428,8 +431,12 @@ fn locate_kiln() -> Result<PathBuf, String> {
 }
 
 /// Why the docker provisioner cannot run `scenario` at all, if it cannot: the upgrade
-/// scenarios need A/B slots, which it does not have yet. (What needs root is the trial's tier.)
+/// scenarios need A/B slots, which it does not have yet, and the kubeadm control plane is built
+/// on the process provisioner's bridge only. (What needs root is the trial's tier.)
 fn docker_lacks(scenario: &Scenario) -> Option<String> {
+    if scenario.needs_kubeadm() {
+        return runner::unavailable(scenario, "docker");
+    }
     let docker = kiln_provisioner::provision::by_name("docker").ok()?;
     let caps = docker.capabilities(kiln_provisioner::state::NetworkMode::Bridge);
     scenario.needs_slots().then_some(caps.slots.err()).flatten()
@@ -478,7 +485,10 @@ fn main() {
                 }
                 continue;
             }
-            match runner::unavailable(&scenario, provisioner) {
+            // The kubeadm rehearsal needs tiers (root, HAProxy, openssl) on process: its trial
+            // checks them and says which is missing.
+            let tiered = provisioner == "process" && scenario.needs_kubeadm();
+            match runner::unavailable(&scenario, provisioner).filter(|_| !tiered) {
                 None => {
                     let trial = scenario_trial(scenario.clone(), provisioner);
                     // A qemu scenario costs minutes under TCG: CI runs QEMU_IN_CI, the rest

@@ -441,6 +441,11 @@ async fn ask(node: &Node, candidate: &str) -> Result<Joined, AskError> {
             message: m.error.clone(),
         });
     }
+    Ok(joined(node, &result))
+}
+
+/// The `--initial-cluster` value and promotion targets from a member-add answer.
+fn joined(node: &Node, result: &pb::EtcdMemberAddResult) -> Joined {
     let me = result.member_id;
     let mut parts = Vec::new();
     for m in &result.members {
@@ -456,11 +461,46 @@ async fn ask(node: &Node, candidate: &str) -> Result<Joined, AskError> {
             parts.push(format!("{name}={p}"));
         }
     }
-    Ok(Joined {
+    Joined {
         initial_cluster: parts.join(","),
         member_id: me,
-        client_urls: result.client_urls,
-    })
+        client_urls: result.client_urls.clone(),
+    }
+}
+
+/// Joins through etcd itself at `endpoints`, for a cluster whose members run no Kiln API (a
+/// kubeadm control plane being migrated, reached at the control-plane endpoint): adds this
+/// node as a learner with machined's client certificate from the configuration's etcd CA (or
+/// finds it added by an earlier attempt). The members it answers with promote it, as after a
+/// join through a Kiln node.
+pub(super) async fn join_through_etcd(
+    node: &Node,
+    pki: &EtcdPki,
+    endpoints: &[String],
+) -> Result<Joined, EtcdOpError> {
+    let mut c = ops::connect(pki, endpoints).await?;
+    let peer = peer_url(node);
+    let list = c.member_list().await.map_err(ops::op_err(endpoints))?;
+    let (id, members) = match list
+        .members()
+        .iter()
+        .find(|m| m.peer_urls().contains(&peer))
+    {
+        Some(m) => (m.id(), list.members().to_vec()),
+        None => {
+            let added = c
+                .member_add(
+                    vec![peer.clone()],
+                    Some(MemberAddOptions::new().with_is_learner()),
+                )
+                .await
+                .map_err(ops::op_err(endpoints))?;
+            let id = added.member().map(Member::id).unwrap_or_default();
+            tracing::info!(%peer, id = format!("{id:x}"), "added this node to etcd as a learner");
+            (id, added.member_list().to_vec())
+        }
+    };
+    Ok(joined(node, &answer(id, &members)))
 }
 
 /// Asks every candidate at once; the first to add this node wins (the others' requests are

@@ -106,6 +106,20 @@ pub fn peer_url(node: &Node) -> String {
     url(node.address(), ETCD_PEER_PORT)
 }
 
+/// etcd's client URL at the control-plane endpoint's host (where a load balancer in front of
+/// an existing control plane may also balance etcd), unless that host is this node.
+fn etcd_endpoint(node: &Node) -> Option<String> {
+    let cfg = node.config()?;
+    let host = kiln_config::generate::endpoint_host(&cfg.cluster.control_plane.endpoint)?;
+    if node.is_self(&host) {
+        return None;
+    }
+    Some(match host.parse::<IpAddr>() {
+        Ok(ip) => url(ip, ETCD_CLIENT_PORT),
+        Err(_) => format!("https://{host}:{ETCD_CLIENT_PORT}"),
+    })
+}
+
 /// Whether etcd has data on this node.
 pub fn has_data(node: &Node) -> bool {
     node.platform.volumes().etcd_data().join("member").exists()
@@ -250,6 +264,32 @@ impl Service for EtcdService {
                 }
                 Some(Err(errors)) => errors,
             };
+            // No Kiln node added us: the members may run no Kiln API at all (a kubeadm control
+            // plane being migrated). Ask etcd itself at the control-plane endpoint.
+            if let Some(endpoint) = etcd_endpoint(&node) {
+                let pki = node
+                    .etcd
+                    .pki()
+                    .ok_or_else(|| ServiceError::new("etcd certificates were not issued"))?;
+                match join::join_through_etcd(&node, &pki, std::slice::from_ref(&endpoint)).await {
+                    Ok(joined) => {
+                        ctx.progress(format!("Joining etcd through {endpoint}"));
+                        *node.etcd.initial.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Initial::Join {
+                                initial_cluster: joined.initial_cluster.clone(),
+                            });
+                        *node
+                            .etcd
+                            .promotion
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(joined);
+                        return Ok(Prepared::Run);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%endpoint, error = %e, "no etcd to join at the endpoint")
+                    }
+                }
+            }
             ctx.progress(if candidates.is_empty() {
                 "Waiting for `kiln bootstrap`: no other control-plane node is known to join through"
                     .to_owned()

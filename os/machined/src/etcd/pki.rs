@@ -65,6 +65,13 @@ pub fn issue(
     let ca =
         CertificateAuthority::from_pem(&cert, &key).map_err(|e| EtcdPkiError::Ca(e.to_string()))?;
     let mut ips = vec![address, IpAddr::from([127, 0, 0, 1])];
+    // Clients that reach etcd through a load balancer at the control-plane endpoint (as
+    // during a kubeadm migration) see this certificate under the endpoint's address.
+    if let Some(ip) = kiln_config::generate::endpoint_host(&config.cluster.control_plane.endpoint)
+        .and_then(|h| h.parse::<IpAddr>().ok())
+    {
+        ips.push(ip);
+    }
     ips.dedup();
     let node = ca
         .issue(&LeafRequest {
