@@ -5,7 +5,7 @@
 //! → control-plane nodes → workers → wait for the API → bootstrap → wait for health. A wait
 //! that runs out names the nodes that are not ready, their stage and last event, and a hint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_config::{ClientConfig, GenerateInput, MachineType, Patch};
@@ -317,6 +317,19 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
     let count = opts.controlplanes + opts.workers;
 
     progress.phase("validating CIDR and reserving IPs");
+    // Held until the bridge exists: another create (with another state directory) waits
+    // here and then sees this cluster's route.
+    let mut network_lock = match mode {
+        NetworkMode::Bridge => Some(
+            network::HostNetworkLock::acquire(Path::new(network::HOST_NETWORK_LOCK))
+                .await
+                .map_err(|source| CreateError::Io {
+                    path: network::HOST_NETWORK_LOCK.into(),
+                    source,
+                })?,
+        ),
+        NetworkMode::Loopback => None,
+    };
     let routes = match mode {
         NetworkMode::Bridge => network::host_routes().await?,
         NetworkMode::Loopback => Vec::new(),
@@ -467,6 +480,7 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
 
         progress.phase(format!("creating network {name}"));
         provisioner.create_network(&dir, &state, progress).await?;
+        network_lock.take();
         if let Some(bridge) = state.network.bridge.clone() {
             let mark = dir.owner_mark();
             let mut recorded = Vec::new();

@@ -265,27 +265,23 @@ impl ClusterHandle {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .next_key();
-                let acked = match &through_lb {
-                    Some((endpoint, options)) => {
-                        let put = async {
-                            let mut c = etcd_client::Client::connect(
-                                [endpoint.as_str()],
-                                Some(options.clone()),
-                            )
-                            .await?;
-                            c.put(key.as_str(), "kiln-scenario", None).await
-                        };
-                        matches!(
-                            tokio::time::timeout(Duration::from_secs(3), put).await,
-                            Ok(Ok(_))
-                        )
+                let result = match &through_lb {
+                    Some((endpoint, options)) => put_through(endpoint, options, &key).await,
+                    None => {
+                        if workload::put(&mut clients, &key, Duration::from_secs(2)).await {
+                            Ok(())
+                        } else {
+                            Err("no member acknowledged it within 2s".to_owned())
+                        }
                     }
-                    None => workload::put(&mut clients, &key, Duration::from_secs(2)).await,
                 };
-                workload
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .record(key, acked);
+                {
+                    let mut w = workload.lock().unwrap_or_else(|e| e.into_inner());
+                    match result {
+                        Ok(()) => w.record(key, true),
+                        Err(reason) => w.record_failure(&key, reason),
+                    }
+                }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(25)) => {}
                     _ = stop.changed() => {}
@@ -674,4 +670,32 @@ pub fn node_error<'a>(mds: impl Iterator<Item = Option<&'a pb::Metadata>>) -> an
         }
     }
     Ok(())
+}
+
+/// One write of the background writer through a load balancer, on a new connection as a
+/// client behind it would make. When etcd itself answers with an error (a leader change while
+/// a member is removed or leadership moves), the endpoint was up: the put is sent once more,
+/// as etcd's clients do. A connection that cannot be made, or no answer within 3 s, fails.
+async fn put_through(
+    endpoint: &str,
+    options: &etcd_client::ConnectOptions,
+    key: &str,
+) -> Result<(), String> {
+    let attempt = async {
+        let mut c = etcd_client::Client::connect([endpoint], Some(options.clone()))
+            .await
+            .map_err(|e| format!("connecting through {endpoint}: {e}"))?;
+        match c.put(key, "kiln-scenario", None).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(first)) => c
+                .put(key, "kiln-scenario", None)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("etcd answered {}, then {e}", first.message())),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer through {endpoint} within 3s")))
 }

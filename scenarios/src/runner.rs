@@ -76,6 +76,33 @@ async fn reserve_cidr(opts: &RunOptions) -> String {
     cidr
 }
 
+/// Creates the scenario's cluster on `cidr`. A network this process picked can be taken by
+/// another process (another test run, another user) before the bridge exists; `cluster create`
+/// then refuses it as overlapping, and a new one is picked, at most three times.
+async fn create_on_free_network(
+    scenario: &Scenario,
+    opts: &RunOptions,
+    cidr: &mut String,
+    picked: bool,
+) -> anyhow::Result<ClusterHandle> {
+    let mut attempts = 0;
+    loop {
+        let result = create(scenario, opts, cidr).await;
+        match &result {
+            Err(e) if picked && attempts < 3 && format!("{e:#}").contains(" overlaps ") => {
+                attempts += 1;
+                let taken = std::mem::take(cidr);
+                *cidr = reserve_cidr(opts).await;
+                release_cidr(&taken).await;
+                if opts.verbose {
+                    eprintln!("  {taken} was taken meanwhile; trying {cidr}");
+                }
+            }
+            _ => return result,
+        }
+    }
+}
+
 async fn release_cidr(cidr: &str) {
     if let Ok(net) = cidr.parse::<ipnetwork::Ipv4Network>() {
         RESERVED.lock().await.retain(|n| *n != net);
@@ -639,7 +666,7 @@ async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Res
                 w.failures
             );
             if w.failures > 0 {
-                bail!("{detail}");
+                bail!("{detail}: {}", w.failure_reasons.join("; "));
             }
             if w.acked.is_empty() {
                 bail!("nothing was written, so nothing was checked");
@@ -687,7 +714,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
         .network
         .as_ref()
         .and_then(|n| n.cidr.clone());
-    let (cidr, reserved) = match (&opts.cidr, file_cidr) {
+    let (mut cidr, reserved) = match (&opts.cidr, file_cidr) {
         (Some(c), _) => (c.clone(), false),
         (None, Some(c)) => (c, false),
         (None, None) => (reserve_cidr(opts).await, true),
@@ -707,7 +734,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> Report {
             eprintln!("[{label}] step {}/{total}: {description}", i + 1);
         }
         let result = match step {
-            None => match create(scenario, opts, &cidr).await {
+            None => match create_on_free_network(scenario, opts, &mut cidr, reserved).await {
                 Ok(h) => {
                     let detail = format!(
                         "{} nodes in {:.1}s",

@@ -18,7 +18,12 @@ pub struct Workload {
     pub recovery_point: Option<BTreeSet<String>>,
     /// Puts that failed.
     pub failures: u64,
+    /// Why the first puts failed (at most [`KEPT_REASONS`]), for the report.
+    pub failure_reasons: Vec<String>,
 }
+
+/// How many failure reasons a workload keeps.
+pub const KEPT_REASONS: usize = 5;
 
 /// What the set check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +66,14 @@ impl Workload {
             self.acked.insert(key);
         } else {
             self.failures += 1;
+        }
+    }
+
+    /// Records a put that failed, and why.
+    pub fn record_failure(&mut self, key: &str, reason: impl std::fmt::Display) {
+        self.failures += 1;
+        if self.failure_reasons.len() < KEPT_REASONS {
+            self.failure_reasons.push(format!("{key}: {reason}"));
         }
     }
 

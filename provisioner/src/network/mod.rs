@@ -10,6 +10,36 @@ use ipnetwork::Ipv4Network as Ipv4Net;
 
 use crate::state::NetworkMode;
 
+/// Where [`HostNetworkLock`] lives: one file for the whole host, since bridges and routes are.
+pub const HOST_NETWORK_LOCK: &str = "/run/kiln/networks.lock";
+
+/// A host-wide lock, held by `cluster create` from checking its CIDR against the host's routes
+/// until its bridge (and so its route) exists. Without it two creates with different state
+/// directories (two users, a CI job beside a developer) can both find the same range free.
+/// Released when dropped.
+#[derive(Debug)]
+pub struct HostNetworkLock {
+    _file: std::fs::File,
+}
+
+impl HostNetworkLock {
+    /// Waits for the lock at `path`.
+    pub async fn acquire(path: &Path) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(Self { _file: file })
+    }
+}
+
 /// Addresses reserved for a cluster.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -235,6 +265,24 @@ pub async fn free_cidr_excluding(base: &Path, from_second: u8, reserved: &[Ipv4N
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_host_network_lock_is_held_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/networks.lock");
+        let first = HostNetworkLock::acquire(&path).await.unwrap();
+        let second = tokio::spawn({
+            let path = path.clone();
+            async move { HostNetworkLock::acquire(&path).await.unwrap() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!second.is_finished(), "a second holder got the lock");
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("the lock was not released")
+            .unwrap();
+    }
 
     #[test]
     fn a_host_route_is_refused_with_a_free_suggestion() {
