@@ -204,9 +204,9 @@ fn check_airgapped(env: &Env, dir: &Path, images: &[String], images_dir: &Path) 
     // machined itself pulls through the lab mirror: an upgrade of a control-plane node to the
     // listed installer fetches it from the lab registry (its configuration mirrors every
     // registry, `*`, there). The seeded image is not a Kiln release, so the upgrade stops
-    // after the pull, before anything on the node changes. The reference names the registry
-    // by address: after its mirrors the pull falls back to the image's own host, and a name
-    // there would be looked up by machined (on process nodes, with the host's resolver).
+    // after the pull, before anything on the node changes. After its mirrors the pull falls
+    // back to the image's own host, the lab registry's name: machined looks it up with the
+    // node's nameservers (the lab DNS), not the host's resolver, which does not know it.
     let cp_addr = st["nodes"][0]["address"].as_str().unwrap();
     let before = pulls(&log);
     let upgrade = env.kiln(&[
@@ -214,17 +214,22 @@ fn check_airgapped(env: &Env, dir: &Path, images: &[String], images_dir: &Path) 
         cp_addr,
         "upgrade",
         "--image",
-        &format!("{registry}/{installer}"),
+        &format!("registry.kiln.internal:5000/{installer}"),
     ]);
-    assert!(!upgrade.status.success(), "{}", text(&upgrade));
+    let said = text(&upgrade);
+    eprintln!("upgrade to a seeded (non-release) installer: {said}");
+    assert!(!upgrade.status.success(), "{said}");
     assert!(
         pulls(&log) > before,
-        "machined did not pull {installer} through the lab mirror:\n{}",
-        text(&upgrade)
+        "machined did not pull {installer} through the lab mirror:\n{said}"
     );
-    eprintln!(
-        "upgrade to a seeded (non-release) installer: {}",
-        text(&upgrade)
+    assert!(
+        // Resolved: the fallback connected and failed in TLS (the lab registry speaks plain
+        // HTTP); unresolved, reqwest would say `client error (Connect): dns error`.
+        said.contains("https://registry.kiln.internal:5000")
+            && said.contains("client error (Connect)")
+            && !said.contains("dns error"),
+        "the fallback to the registry's name was not resolved by the lab DNS:\n{said}"
     );
 
     // Lab names over UDP and TCP; outside names refused.

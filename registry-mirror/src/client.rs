@@ -21,7 +21,7 @@ use crate::reference::{Digest, Reference, RepoName};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The registry could not be reached or the transfer broke.
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed: {}", causes(source))]
     Http {
         /// The URL.
         url: String,
@@ -86,6 +86,41 @@ pub struct ClientConfig {
     pub insecure_skip_verify: bool,
     /// Give up connecting after this long.
     pub connect_timeout: Duration,
+    /// Resolve host names with this instead of the system resolver (machined: the node's
+    /// configured nameservers).
+    pub resolver: Option<DnsResolver>,
+}
+
+/// An error with its causes: reqwest's own text (`error sending request for url`) leaves out
+/// what went wrong (refused, DNS, TLS), which is in its sources.
+fn causes(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// A name resolver for the client (`reqwest`'s), printable.
+#[derive(Clone)]
+pub struct DnsResolver(pub std::sync::Arc<dyn reqwest::dns::Resolve>);
+
+impl reqwest::dns::Resolve for DnsResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        self.0.resolve(name)
+    }
+}
+
+impl std::fmt::Debug for DnsResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DnsResolver")
+    }
 }
 
 impl ClientConfig {
@@ -97,6 +132,7 @@ impl ClientConfig {
             ca_cert: None,
             insecure_skip_verify: false,
             connect_timeout: Duration::from_secs(10),
+            resolver: None,
         }
     }
 }
@@ -128,6 +164,9 @@ impl RegistryClient {
             .danger_accept_invalid_certs(config.insecure_skip_verify);
         if let Some(ca) = &config.ca_cert {
             builder = builder.add_root_certificate(load_ca(ca)?);
+        }
+        if let Some(r) = &config.resolver {
+            builder = builder.dns_resolver(std::sync::Arc::new(r.clone()));
         }
         let http = builder
             .build()

@@ -39,6 +39,7 @@ pub mod node;
 pub mod oauth;
 pub mod pid1;
 pub mod platform;
+pub mod resolver;
 pub mod supervisor;
 pub mod upgrade;
 pub mod volumes;

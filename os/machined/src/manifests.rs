@@ -4,7 +4,8 @@
 //!
 //! The download honours the configuration as an air-gapped node must: the proxy from
 //! `machine.env` (`https_proxy`, `http_proxy`, `no_proxy`, either case) and never the
-//! environment machined itself was started with, and the certificates appended to
+//! environment machined itself was started with, names looked up with the configured
+//! nameservers ([`crate::resolver`]), and the certificates appended to
 //! `/etc/ssl/certs/ca-certificates` ([`crate::machine_files`]) on top of the platform's
 //! trusted roots. A failed download is an event and is retried with backoff (up to 30 s
 //! between attempts) for as long as the node runs; every manifest is fetched independently.
@@ -138,6 +139,7 @@ pub enum ManifestError {
 pub fn client(
     proxy: &ProxyEnv,
     extra_roots: Option<&[u8]>,
+    resolver: Option<Arc<crate::resolver::ConfiguredResolver>>,
 ) -> Result<reqwest::Client, ManifestError> {
     let bad = |what: &str, e: reqwest::Error| ManifestError::Client(format!("{what}: {e}"));
     // `no_proxy()` first: machined's own environment (a process node inherits the host's)
@@ -166,6 +168,9 @@ pub fn client(
                 .map_err(|e| bad("https_proxy", e))?
                 .no_proxy(no_proxy()),
         );
+    }
+    if let Some(r) = resolver {
+        b = b.dns_resolver(r);
     }
     if let Some(pem) = extra_roots {
         for cert in reqwest::Certificate::from_pem_bundle(pem)
@@ -241,7 +246,8 @@ pub fn start(node: &Arc<Node>) {
     let volumes = node.platform.volumes().clone();
     let proxy = ProxyEnv::from_env(&cfg.machine.env);
     let roots = crate::machine_files::trusted_roots(&volumes);
-    let client = match client(&proxy, roots.as_deref()) {
+    let resolver = crate::resolver::ConfiguredResolver::for_reqwest(Some(&cfg));
+    let client = match client(&proxy, roots.as_deref(), resolver) {
         Ok(c) => c,
         Err(e) => {
             node.events.publish(
@@ -381,10 +387,10 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            client(&bad_proxy, None),
+            client(&bad_proxy, None, None),
             Err(ManifestError::Client(m)) if m.contains("https_proxy")
         ));
         let bad_pem = b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n";
-        assert!(client(&ProxyEnv::default(), Some(bad_pem)).is_err());
+        assert!(client(&ProxyEnv::default(), Some(bad_pem), None).is_err());
     }
 }

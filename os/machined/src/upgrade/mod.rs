@@ -373,6 +373,8 @@ async fn pull(
         // next one (or the error) comes after a few seconds.
         let config = ClientConfig {
             connect_timeout: Duration::from_secs(3),
+            resolver: crate::resolver::ConfiguredResolver::for_reqwest(node.config().as_deref())
+                .map(|r| kiln_registry_mirror::client::DnsResolver(r)),
             ..ClientConfig::new(url)
         };
         let client = match RegistryClient::new(config) {
