@@ -15,6 +15,7 @@ pub mod button;
 pub mod dhcp;
 pub mod disks;
 pub mod init;
+pub mod links;
 pub mod net;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,7 +28,7 @@ use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_REBOOT, EXIT_SHUTDOWN, LABEL_EPHEMERAL, LABEL_META, LABEL_STATE};
 use tokio::sync::watch;
 
-use super::{Platform, PlatformError, PlatformKind, Power};
+use super::{NetworkApplied, Platform, PlatformError, PlatformKind, Power};
 use crate::volumes::Volumes;
 
 /// The kernel argument naming the configuration URL.
@@ -120,6 +121,29 @@ fn write_resolvers(servers: &[String]) {
     if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
         tracing::warn!(error = %e, "writing /etc/resolv.conf");
     }
+}
+
+/// One DHCP exchange on `link` (a bond, bridge or VLAN with `dhcp: true`), applied.
+async fn dhcp_on(handle: &rtnetlink::Handle, link: &str) -> Result<dhcp::Lease, PlatformError> {
+    let mac = net::links(handle)
+        .await?
+        .into_iter()
+        .find(|l| l.name == link)
+        .and_then(|l| l.mac)
+        .ok_or_else(|| PlatformError::Network {
+            step: format!("DHCP on {link}"),
+            reason: "the link has no hardware address".into(),
+        })?;
+    let lease =
+        dhcp::acquire(link, mac, DHCP_TIMEOUT)
+            .await
+            .map_err(|e| PlatformError::Network {
+                step: format!("DHCP on {link}"),
+                reason: e.to_string(),
+            })?;
+    apply_lease(link, &lease).await?;
+    tracing::info!(link, address = %lease.address, prefix = lease.prefix, "DHCP lease");
+    Ok(lease)
 }
 
 async fn apply_lease(link: &str, lease: &dhcp::Lease) -> Result<(), PlatformError> {
@@ -268,71 +292,73 @@ impl Platform for MetalPlatform {
     async fn configure_network(
         &self,
         config: &MachineConfig,
-    ) -> Result<Vec<IpAddr>, PlatformError> {
-        let mut addresses: Vec<IpAddr> = self
-            .lease_tx
-            .borrow()
-            .as_ref()
-            .map(|l| IpAddr::V4(l.address))
-            .into_iter()
-            .collect();
+    ) -> Result<NetworkApplied, PlatformError> {
+        let lease = self.lease_tx.borrow().clone();
+        let mut applied = NetworkApplied {
+            addresses: lease.iter().map(|l| IpAddr::V4(l.address)).collect(),
+            problems: Vec::new(),
+        };
         let Some(network) = config.machine.network.as_ref() else {
-            return Ok(addresses);
+            return Ok(applied);
         };
         if let Some(h) = &network.hostname {
             let _ = nix::unistd::sethostname(h);
         }
         write_resolvers(&network.nameservers);
+        let (steps, problems) = links::plan(network);
+        for p in problems {
+            applied.problems.push(PlatformError::Network {
+                step: format!("machine.network.interfaces: {}", p.interface),
+                reason: p.reason,
+            });
+        }
+        if steps.is_empty() {
+            return Ok(applied);
+        }
         let handle = net::connect()?;
-        for dev in &network.interfaces {
-            if dev.ignore == Some(true) {
+        let failed = net::apply_plan(&handle, &steps).await;
+        let failed_links: Vec<&str> = failed.iter().map(|(l, _)| l.as_str()).collect();
+        let dhcp_link = self
+            .dhcp_link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The boot's lease stays where it is unless its link became a port.
+        let lease_moved = steps.iter().any(|s| {
+            matches!(s, links::Step::Enslave { member, .. } if Some(member) == dhcp_link.as_ref())
+        });
+        if lease_moved {
+            applied.addresses.clear();
+        }
+        for step in &steps {
+            let links::Step::Configure(s) = step else {
+                continue;
+            };
+            if failed_links.contains(&s.link.as_str()) {
                 continue;
             }
-            if dev.bond.is_some() || dev.bridge.is_some() || !dev.vlans.is_empty() {
-                tracing::warn!(
-                    interface = dev.interface,
-                    "bonds, bridges and VLANs are not applied on metal yet; skipped"
-                );
+            applied
+                .addresses
+                .extend(s.addresses.iter().map(|(ip, _)| *ip));
+            if !s.dhcp || (Some(&s.link) == dhcp_link.as_ref() && lease.is_some()) {
                 continue;
             }
-            let index = net::index_of(&handle, &dev.interface).await?;
-            net::up(&handle, index, &dev.interface, dev.mtu).await?;
-            for a in &dev.addresses {
-                let (ip, prefix) = parse_cidr(a).ok_or_else(|| PlatformError::Network {
-                    step: format!("address {a} on {}", dev.interface),
-                    reason: "not in CIDR notation (e.g. 192.168.2.10/24)".into(),
-                })?;
-                net::add_address(&handle, index, &dev.interface, ip, prefix).await?;
-                addresses.push(ip);
-            }
-            for r in &dev.routes {
-                let (IpAddr::V4(dst), prefix) =
-                    parse_cidr(&r.network).ok_or_else(|| PlatformError::Network {
-                        step: format!("route {} on {}", r.network, dev.interface),
-                        reason: "not in CIDR notation (e.g. 0.0.0.0/0)".into(),
-                    })?
-                else {
-                    tracing::warn!(
-                        route = r.network,
-                        "IPv6 routes are not applied on metal yet"
-                    );
-                    continue;
-                };
-                let gw = match r.gateway.as_deref().map(str::parse::<Ipv4Addr>) {
-                    None => None,
-                    Some(Ok(g)) => Some(g),
-                    Some(Err(e)) => {
-                        return Err(PlatformError::Network {
-                            step: format!("route {} on {}", r.network, dev.interface),
-                            reason: format!("gateway: {e}"),
-                        });
-                    }
-                };
-                net::add_route_v4(&handle, index, dst, prefix, gw, r.metric).await?;
+            match dhcp_on(&handle, &s.link).await {
+                Ok(l) => applied.addresses.push(IpAddr::V4(l.address)),
+                Err(e) => applied.problems.push(e),
             }
         }
-        addresses.dedup();
-        Ok(addresses)
+        applied.problems.extend(failed.into_iter().map(|(_, e)| e));
+        applied.addresses.dedup();
+        Ok(applied)
+    }
+    async fn link_status(&self) -> Result<Option<Vec<net::LinkStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::link_status(&handle).await.map(Some)
+    }
+    async fn address_status(&self) -> Result<Option<Vec<net::AddressStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::address_status(&handle).await.map(Some)
     }
     fn kernel_config_url(&self) -> Option<String> {
         kernel_arg(&self.cmdline, CONFIG_ARG)
@@ -344,11 +370,6 @@ impl Platform for MetalPlatform {
             Power::Shutdown => EXIT_SHUTDOWN,
         }
     }
-}
-
-fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, prefix) = s.split_once('/')?;
-    Some((ip.parse().ok()?, prefix.parse().ok()?))
 }
 
 /// Whether this process is the machine's init.
