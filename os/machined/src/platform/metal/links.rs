@@ -88,6 +88,20 @@ pub enum Step {
     Configure(LinkSettings),
 }
 
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Bond(b) => write!(f, "creating the bond {}", b.name),
+            Step::Bridge { name, .. } => write!(f, "creating the bridge {name}"),
+            Step::Vlan { name, parent, id } => {
+                write!(f, "creating VLAN {id} on {parent} as {name}")
+            }
+            Step::Enslave { member, master } => write!(f, "making {member} a port of {master}"),
+            Step::Configure(s) => write!(f, "setting up {}", s.link),
+        }
+    }
+}
+
 impl Step {
     /// The link this step makes or changes.
     pub fn link(&self) -> &str {

@@ -313,8 +313,22 @@ async fn configure(handle: &Handle, s: &LinkSettings) -> Result<(), PlatformErro
     Ok(())
 }
 
-/// Carries out one step of a plan.
+/// Carries out one step of a plan. A link it creates is set up at once: a VLAN cannot go up
+/// on a parent that is down (`ENETDOWN`), nor a port in a master that is.
 pub async fn apply_step(handle: &Handle, step: &Step) -> Result<(), PlatformError> {
+    create_step(handle, step).await?;
+    if matches!(
+        step,
+        Step::Bond(_) | Step::Bridge { .. } | Step::Vlan { .. }
+    ) {
+        let name = step.link();
+        let index = index_of(handle, name).await?;
+        up(handle, index, name, None).await?;
+    }
+    Ok(())
+}
+
+async fn create_step(handle: &Handle, step: &Step) -> Result<(), PlatformError> {
     match step {
         Step::Bond(b) => create_bond(handle, b).await,
         Step::Bridge { name, stp } => {
@@ -347,7 +361,7 @@ pub async fn apply_plan(handle: &Handle, steps: &[Step]) -> Vec<(String, Platfor
             problems.push((
                 link.clone(),
                 PlatformError::Network {
-                    step: format!("{step:?}"),
+                    step: step.to_string(),
                     reason: format!("skipped: {missing} could not be set up (see above)"),
                 },
             ));
