@@ -13,8 +13,8 @@
 //!   `container`: the interface Docker gave). [`Platform::address`] then resolves to the
 //!   address the API and etcd bind and advertise; it may be learned late (a DHCP lease), and
 //!   the API binds only after it. [`Platform::configure_network`] applies the configuration's
-//!   `machine.network` once one is known (`metal`: static addresses, routes, hostname through
-//!   netlink). Both are async and fail with a [`PlatformError`] that says what went wrong.
+//!   `machine.network` once one is known (`metal`: bonds, bridges, VLANs, static addresses,
+//!   routes, hostname through netlink; one interface's failure is reported, not fatal). Both are async and fail with a [`PlatformError`] that says what went wrong.
 //! - **Configuration sources** the platform adds: [`Platform::kernel_config_url`]
 //!   (`kiln.config=` on the kernel command line, `metal`).
 //! - **Power**: [`Platform::power`] ends this boot. `process` returns the exit code the node

@@ -1,15 +1,19 @@
 //! The `metal` platform: machined is PID 1 of a (virtual) machine booted from the Kiln kernel
 //! and initramfs ([`init`]). Volumes are the disk's GPT partitions found by name, formatted on
 //! first boot ([`disks`]); the network is brought up through rtnetlink ([`net`]) with a DHCP
-//! lease on the first Ethernet link ([`dhcp`]) and the static addresses and routes of
-//! `machine.network`; the configuration URL comes from `kiln.config=` on the kernel command
-//! line; the ACPI power button powers the node off cleanly ([`button`]). Power ends the node
-//! process with the launcher codes, and PID 1 turns them into `reboot(2)`.
+//! lease on the first Ethernet link ([`dhcp`]), then `machine.network` is applied as a plan
+//! ([`links`]): bonds, bridges and VLANs, then MTU, static addresses, routes and DHCP per link
+//! (the kernel modules for them are loaded by [`init`]); the configuration URL comes from
+//! `kiln.config=` on the kernel command line; the ACPI power button powers the node off
+//! cleanly ([`button`]). Power ends the node process with the launcher codes, and PID 1 turns
+//! them into `reboot(2)`.
 //!
 //! # Limitations
 //!
-//! Bonds, bridges and VLANs of `machine.network` are not applied yet (logged and skipped). The
-//! DHCP lease is taken once per boot and not renewed: the lab's leases are static.
+//! `machine.network` is applied once per boot (a new configuration's interfaces take a
+//! reboot) and links are named, not selected (`deviceSelector` is not in the configuration
+//! types yet). The DHCP lease is taken once per boot and not renewed: the lab's leases are
+//! static.
 
 pub mod button;
 pub mod dhcp;

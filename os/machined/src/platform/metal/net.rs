@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
     BondLacpRate, BridgeStpState, InfoBond, InfoData, LinkAttribute, LinkFlags, LinkInfo,
-    LinkLayerType, State,
+    LinkLayerType, LinkMessage, State,
 };
 use rtnetlink::{Handle, LinkBond, LinkBridge, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
@@ -212,7 +212,7 @@ async fn create(
     handle: &Handle,
     name: &str,
     what: &str,
-    message: rtnetlink::packet_route::link::LinkMessage,
+    message: LinkMessage,
 ) -> Result<(), PlatformError> {
     match handle.link().add(message).execute().await {
         Ok(()) => Ok(()),
@@ -221,7 +221,8 @@ async fn create(
     }
 }
 
-async fn create_bond(handle: &Handle, b: &BondSpec) -> Result<(), PlatformError> {
+/// The `RTM_NEWLINK` message that makes bond `b`.
+pub fn bond_message(b: &BondSpec) -> LinkMessage {
     let mut m = LinkBond::new(&b.name).mode(b.mode);
     if let Some(v) = b.miimon {
         m = m.miimon(v);
@@ -242,7 +243,18 @@ async fn create_bond(handle: &Handle, b: &BondSpec) -> Result<(), PlatformError>
     if let Some(p) = b.xmit_hash_policy {
         m = m.xmit_hash_policy(p);
     }
-    create(handle, &b.name, "bond", m.build()).await
+    m.build()
+}
+
+/// The `RTM_NEWLINK` message that makes bridge `name`, with kernel spanning tree when `stp`.
+pub fn bridge_message(name: &str, stp: bool) -> LinkMessage {
+    LinkBridge::new(name)
+        .stp_state(if stp {
+            BridgeStpState::KernelStp
+        } else {
+            BridgeStpState::Disabled
+        })
+        .build()
 }
 
 /// Removes every address from link `index` (a link that becomes a port gives its addresses,
@@ -330,16 +342,9 @@ pub async fn apply_step(handle: &Handle, step: &Step) -> Result<(), PlatformErro
 
 async fn create_step(handle: &Handle, step: &Step) -> Result<(), PlatformError> {
     match step {
-        Step::Bond(b) => create_bond(handle, b).await,
+        Step::Bond(b) => create(handle, &b.name, "bond", bond_message(b)).await,
         Step::Bridge { name, stp } => {
-            let m = LinkBridge::new(name)
-                .stp_state(if *stp {
-                    BridgeStpState::KernelStp
-                } else {
-                    BridgeStpState::Disabled
-                })
-                .build();
-            create(handle, name, "bridge", m).await
+            create(handle, name, "bridge", bridge_message(name, *stp)).await
         }
         Step::Vlan { name, parent, id } => {
             let p = index_of(handle, parent).await?;
@@ -551,4 +556,66 @@ pub async fn address_status(handle: &Handle) -> Result<Vec<AddressStatus>, Platf
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::link::{BondMode, InfoBridge, InfoKind};
+
+    use super::*;
+
+    fn info(m: &LinkMessage) -> Vec<LinkInfo> {
+        m.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::LinkInfo(i) => Some(i.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn an_active_backup_bond_is_asked_for_with_its_mode_and_timers() {
+        let m = bond_message(&BondSpec {
+            name: "bond0".into(),
+            mode: BondMode::ActiveBackup,
+            miimon: Some(100),
+            updelay: Some(200),
+            downdelay: None,
+            lacp_fast: None,
+            xmit_hash_policy: None,
+        });
+        assert!(
+            m.attributes
+                .contains(&LinkAttribute::IfName("bond0".into()))
+        );
+        let info = info(&m);
+        assert!(info.contains(&LinkInfo::Kind(InfoKind::Bond)), "{info:?}");
+        let Some(LinkInfo::Data(InfoData::Bond(data))) =
+            info.iter().find(|i| matches!(i, LinkInfo::Data(_)))
+        else {
+            panic!("no bond data in {info:?}")
+        };
+        assert!(data.contains(&InfoBond::Mode(BondMode::ActiveBackup)));
+        assert!(data.contains(&InfoBond::MiiMon(100)));
+        assert!(data.contains(&InfoBond::UpDelay(200)));
+        assert!(!data.iter().any(|d| matches!(d, InfoBond::DownDelay(_))));
+    }
+
+    #[test]
+    fn a_bridge_runs_kernel_spanning_tree_only_when_asked() {
+        for (stp, want) in [
+            (true, BridgeStpState::KernelStp),
+            (false, BridgeStpState::Disabled),
+        ] {
+            let info = info(&bridge_message("br0", stp));
+            assert!(info.contains(&LinkInfo::Kind(InfoKind::Bridge)));
+            assert!(
+                info.contains(&LinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::StpState(want)
+                ]))),
+                "{info:?}"
+            );
+        }
+    }
 }
