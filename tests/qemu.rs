@@ -173,8 +173,9 @@ fn link<'a>(links: &'a [(String, serde_json::Value)], name: &str) -> &'a serde_j
 }
 
 /// The guides' advanced networking in one boot of one node with two NICs: an active-backup
-/// bond over both carrying the node's address and default route, a VLAN on the bond with a
-/// static address, MTU and route, and a bridge with spanning tree over a second VLAN. `kiln get
+/// bond over both carrying the node's address (DHCP: the lab's server leases the bond, which
+/// has eth0's MAC, the node's address) and a static route, a VLAN on the bond with a static
+/// address, MTU and route, and a bridge with spanning tree over a second VLAN. `kiln get
 /// links` / `get addresses` show them, and cutting the active bond member's link (QMP
 /// `set_link`) moves the bond to the other NIC and the node's API still answers.
 #[test]
@@ -201,9 +202,9 @@ fn a_qemu_node_with_two_nics_applies_a_bond_vlans_and_a_bridge_and_survives_losi
   network:
     interfaces:
       - interface: bond0
-        addresses: [{address}/{prefix}]
+        dhcp: true
         routes:
-          - network: 0.0.0.0/0
+          - network: 172.31.50.0/24
             gateway: {gateway}
         bond:
           mode: active-backup

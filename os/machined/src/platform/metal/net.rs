@@ -313,12 +313,23 @@ async fn enslave(handle: &Handle, member: &str, master: &str) -> Result<(), Plat
 }
 
 /// Sets a link up with its MTU, addresses and routes (DHCP is the caller's).
+/// With `dhcp`, routes wait for the lease (a gateway must be reachable through an address of
+/// the link): the caller adds them with [`add_routes`] after its DHCP exchange.
 async fn configure(handle: &Handle, s: &LinkSettings) -> Result<(), PlatformError> {
     let index = index_of(handle, &s.link).await?;
     up(handle, index, &s.link, s.mtu).await?;
     for (ip, prefix) in &s.addresses {
         add_address(handle, index, &s.link, *ip, *prefix).await?;
     }
+    if !s.dhcp {
+        add_routes(handle, s).await?;
+    }
+    Ok(())
+}
+
+/// Adds the static routes of a link.
+pub async fn add_routes(handle: &Handle, s: &LinkSettings) -> Result<(), PlatformError> {
+    let index = index_of(handle, &s.link).await?;
     for r in &s.routes {
         add_route(handle, index, &s.link, r).await?;
     }
