@@ -173,11 +173,12 @@ fn link<'a>(links: &'a [(String, serde_json::Value)], name: &str) -> &'a serde_j
 }
 
 /// The guides' advanced networking in one boot of one node with two NICs: an active-backup
-/// bond over both carrying the node's address (DHCP: the lab's server leases the bond, which
-/// has eth0's MAC, the node's address) and a static route, a VLAN on the bond with a static
-/// address, MTU and route, and a bridge with spanning tree over a second VLAN. `kiln get
-/// links` / `get addresses` show them, and cutting the active bond member's link (QMP
-/// `set_link`) moves the bond to the other NIC and the node's API still answers.
+/// bond over both (picked by `deviceSelectors`) carrying the node's address (DHCP: the lab's
+/// server leases the bond, which has eth0's MAC, the node's address) and a static route, a
+/// VLAN on the bond with a static address, MTU and route, and a bridge with spanning tree over
+/// a second VLAN. `kiln get links` / `get addresses` show them, and cutting the active bond
+/// member's link (QMP `set_link`) moves the bond to the other NIC and the node's API still
+/// answers.
 #[test]
 fn a_qemu_node_with_two_nics_applies_a_bond_vlans_and_a_bridge_and_survives_losing_a_nic() {
     skip_unless!(
@@ -209,7 +210,8 @@ fn a_qemu_node_with_two_nics_applies_a_bond_vlans_and_a_bridge_and_survives_losi
         bond:
           mode: active-backup
           miimon: 100
-          interfaces: [eth0, eth1]
+          # Both NICs, picked by driver (eth0 and eth1, in name order).
+          deviceSelectors: [{{driver: virtio_net, physical: true}}]
         vlans:
           - vlanId: 100
             mtu: 1400

@@ -1,12 +1,13 @@
-//! `machine.network.interfaces` as an ordered plan of link operations: create bonds, bridges
-//! and VLANs (each after the links it is made of), enslave members, then set MTU, addresses,
-//! routes and DHCP on every configured link. Pure, so the order and the netlink parameters are
-//! tested without a kernel; [`super::net::apply_plan`] carries it out through rtnetlink.
+//! `machine.network.interfaces` as an ordered plan of link operations: `deviceSelector`s
+//! resolved to link names ([`resolve`]), then create bonds, bridges and VLANs (each after the
+//! links it is made of), enslave members, then set MTU, addresses, routes and DHCP on every
+//! configured link ([`plan`]). Pure, so the order and the netlink parameters are tested
+//! without a kernel; [`super::net::apply_plan`] carries it out through rtnetlink.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use kiln_config::types::{NetworkConfig, Route};
+use kiln_config::types::{DeviceSelector, NetworkConfig, Route};
 use rtnetlink::packet_route::link::{BondMode, BondXmitHashPolicy};
 
 /// A bond to create (`ip link add NAME type bond mode ... miimon ...`).
@@ -131,6 +132,100 @@ pub struct PlanProblem {
     pub interface: String,
     /// What is wrong and what to do.
     pub reason: String,
+}
+
+/// What a `deviceSelector` can see of a link.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LinkFacts {
+    /// Name.
+    pub name: String,
+    /// Hardware address, `52:54:00:12:34:56`.
+    pub hardware_addr: String,
+    /// Kernel driver of its device (`virtio_net`), none for a virtual link.
+    pub driver: Option<String>,
+    /// Backed by a device (not a bond, bridge, VLAN or loopback).
+    pub physical: bool,
+}
+
+/// `pattern` with `*` for any characters, against `text`, ignoring ASCII case. By hand: one
+/// wildcard is all the guides' selectors use, not worth a glob crate.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.to_ascii_lowercase(), text.to_ascii_lowercase());
+    let parts: Vec<&str> = p.split('*').collect();
+    if parts.len() == 1 {
+        return p == t;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !t.starts_with(first) || !t[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &t[first.len()..t.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Whether `link` has everything `selector` asks for.
+pub fn selects(selector: &DeviceSelector, link: &LinkFacts) -> bool {
+    !selector.is_empty()
+        && selector
+            .hardware_addr
+            .as_deref()
+            .is_none_or(|p| glob(p, &link.hardware_addr))
+        && selector
+            .driver
+            .as_deref()
+            .is_none_or(|p| link.driver.as_deref().is_some_and(|d| glob(p, d)))
+        && selector.physical.is_none_or(|p| p == link.physical)
+}
+
+/// `network` with each `deviceSelector` replaced by the name of the first link (by name) it
+/// selects, and each bond's `deviceSelectors` by the names of every link they select.
+/// An entry that selects no link is left out and reported.
+pub fn resolve(network: &NetworkConfig, links: &[LinkFacts]) -> (NetworkConfig, Vec<PlanProblem>) {
+    let mut links = links.to_vec();
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = network.clone();
+    let mut problems = Vec::new();
+    out.interfaces.retain_mut(|dev| {
+        if let Some(sel) = dev.device_selector.take() {
+            match links.iter().find(|l| selects(&sel, l)) {
+                Some(l) => dev.interface = l.name.clone(),
+                None => {
+                    problems.push(PlanProblem {
+                        interface: format!("deviceSelector {sel:?}"),
+                        reason: format!(
+                            "selects none of the links ({}): see `kiln get links` for their hardware addresses",
+                            links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                    return false;
+                }
+            }
+        }
+        if let Some(bond) = dev.bond.as_mut() {
+            for sel in std::mem::take(&mut bond.device_selectors) {
+                let picked: Vec<&LinkFacts> = links.iter().filter(|l| selects(&sel, l)).collect();
+                if picked.is_empty() {
+                    problems.push(PlanProblem {
+                        interface: dev.interface.clone(),
+                        reason: format!("bond.deviceSelectors {sel:?} selects no link"),
+                    });
+                }
+                for l in picked {
+                    if l.name != dev.interface && !bond.interfaces.contains(&l.name) {
+                        bond.interfaces.push(l.name.clone());
+                    }
+                }
+            }
+        }
+        true
+    });
+    (out, problems)
 }
 
 /// The name of VLAN `id` on `parent`, as the guides name it (`eth0.100`).
@@ -564,6 +659,69 @@ interfaces:
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].reason.contains("loop"), "{problems:?}");
         assert_eq!(names(&steps), ["configure eth0"]);
+    }
+
+    fn nic(name: &str, mac: &str) -> LinkFacts {
+        LinkFacts {
+            name: name.into(),
+            hardware_addr: mac.into(),
+            driver: Some("virtio_net".into()),
+            physical: true,
+        }
+    }
+
+    #[test]
+    fn selectors_pick_links_by_address_driver_and_kind() {
+        let links = [
+            nic("eth1", "52:54:00:aa:00:02"),
+            nic("eth0", "52:54:00:AA:00:01"),
+            LinkFacts {
+                name: "lo".into(),
+                hardware_addr: "00:00:00:00:00:00".into(),
+                driver: None,
+                physical: false,
+            },
+        ];
+        let (net, problems) = resolve(
+            &network(
+                r#"
+interfaces:
+  - deviceSelector: {hardwareAddr: "52:54:00:aa:*:02"}
+    addresses: [10.0.0.2/24]
+  - interface: bond0
+    bond:
+      mode: active-backup
+      deviceSelectors: [{driver: "virtio*", physical: true}]
+  - deviceSelector: {driver: e1000}
+    dhcp: true
+"#,
+            ),
+            &links,
+        );
+        assert_eq!(net.interfaces.len(), 2, "{net:?}");
+        assert_eq!(net.interfaces[0].interface, "eth1");
+        assert_eq!(net.interfaces[0].device_selector, None);
+        // Every match, in name order.
+        assert_eq!(
+            net.interfaces[1].bond.as_ref().unwrap().interfaces,
+            ["eth0", "eth1"]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].reason.contains("eth0, eth1, lo"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn globs_match_whole_text_case_blind() {
+        assert!(glob("52:54:00:*", "52:54:00:12:34:56"));
+        assert!(glob("*:56", "52:54:00:12:34:56"));
+        assert!(glob("52:*:12:*", "52:54:00:12:34:56"));
+        assert!(glob("AA:BB", "aa:bb"));
+        assert!(!glob("52:54:01:*", "52:54:00:12:34:56"));
+        assert!(!glob("virtio", "virtio_net"));
+        assert!(!glob("a*b*a", "ab"));
     }
 
     #[test]

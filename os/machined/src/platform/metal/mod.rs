@@ -11,9 +11,8 @@
 //! # Limitations
 //!
 //! `machine.network` is applied once per boot (a new configuration's interfaces take a
-//! reboot) and links are named, not selected (`deviceSelector` is not in the configuration
-//! types yet). The DHCP lease is taken once per boot and not renewed: the lab's leases are
-//! static.
+//! reboot); `deviceSelector` knows `hardwareAddr`, `driver` and `physical`. The DHCP lease is
+//! taken once per boot and not renewed: the lab's leases are static.
 
 pub mod button;
 pub mod dhcp;
@@ -125,6 +124,36 @@ fn write_resolvers(servers: &[String]) {
     if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
         tracing::warn!(error = %e, "writing /etc/resolv.conf");
     }
+}
+
+/// What `deviceSelector`s match against: each link's name and address from netlink, its
+/// driver and whether a device backs it from sysfs.
+async fn link_facts(handle: &rtnetlink::Handle) -> Result<Vec<links::LinkFacts>, PlatformError> {
+    Ok(net::links(handle)
+        .await?
+        .into_iter()
+        .map(|l| {
+            let device = std::path::Path::new("/sys/class/net")
+                .join(&l.name)
+                .join("device");
+            links::LinkFacts {
+                hardware_addr: l
+                    .mac
+                    .map(|m| {
+                        m.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    })
+                    .unwrap_or_default(),
+                driver: std::fs::read_link(device.join("driver"))
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+                physical: device.exists(),
+                name: l.name,
+            }
+        })
+        .collect())
 }
 
 /// One DHCP exchange on `link` (a bond, bridge or VLAN with `dhcp: true`), applied.
@@ -309,7 +338,19 @@ impl Platform for MetalPlatform {
             let _ = nix::unistd::sethostname(h);
         }
         write_resolvers(&network.nameservers);
-        let (steps, problems) = links::plan(network);
+        let handle = net::connect()?;
+        let (network, mut problems) = if network.interfaces.iter().any(|d| {
+            d.device_selector.is_some()
+                || d.bond
+                    .as_ref()
+                    .is_some_and(|b| !b.device_selectors.is_empty())
+        }) {
+            links::resolve(network, &link_facts(&handle).await?)
+        } else {
+            (network.clone(), Vec::new())
+        };
+        let (steps, plan_problems) = links::plan(&network);
+        problems.extend(plan_problems);
         for p in problems {
             applied.problems.push(PlatformError::Network {
                 step: format!("machine.network.interfaces: {}", p.interface),
@@ -319,7 +360,6 @@ impl Platform for MetalPlatform {
         if steps.is_empty() {
             return Ok(applied);
         }
-        let handle = net::connect()?;
         let failed = net::apply_plan(&handle, &steps).await;
         let failed_links: Vec<&str> = failed.iter().map(|(l, _)| l.as_str()).collect();
         let dhcp_link = self
