@@ -178,7 +178,7 @@ fn link<'a>(links: &'a [(String, serde_json::Value)], name: &str) -> &'a serde_j
 /// VLAN on the bond with a static address, MTU and route, and a bridge with spanning tree over
 /// a second VLAN. `kiln get links` / `get addresses` show them, and cutting the active bond
 /// member's link (QMP `set_link`) moves the bond to the other NIC and the node's API still
-/// answers.
+/// answers. `kiln get routes` shows the static routes.
 #[test]
 fn a_qemu_node_with_two_nics_applies_a_bond_vlans_and_a_bridge_and_survives_losing_a_nic() {
     skip_unless!(
@@ -293,6 +293,18 @@ fn a_qemu_node_with_two_nics_applies_a_bond_vlans_and_a_bridge_and_survives_losi
         "br0/172.31.200.2/24".to_owned(),
     ] {
         assert!(addresses.contains(&want), "no {want} in {addresses:?}");
+    }
+    // Static routes, and the lease's default route, through the bond and the VLAN.
+    let routes: Vec<String> = resources(&env, &node, "routes")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    for want in [
+        format!("bond0/{gateway}/0.0.0.0/0"),
+        format!("bond0/{gateway}/172.31.50.0/24"),
+        "bond0.100/172.31.100.1/172.31.101.0/24".to_owned(),
+    ] {
+        assert!(routes.contains(&want), "no route {want} in {routes:?}");
     }
     // The boot's DHCP lease went with eth0 into the bond.
     assert!(

@@ -157,6 +157,11 @@ pub trait Platform: Send + Sync + std::fmt::Debug + 'static {
     async fn link_status(&self) -> Result<Option<Vec<metal::net::LinkStatus>>, PlatformError> {
         Ok(None)
     }
+    /// The kernel's routes, for `kiln get routes`; `None` where the node has no links of its
+    /// own.
+    async fn route_status(&self) -> Result<Option<Vec<metal::net::RouteStatus>>, PlatformError> {
+        Ok(None)
+    }
     /// The addresses on the kernel's links, for `kiln get addresses`; `None` where the node
     /// has no links of its own.
     async fn address_status(

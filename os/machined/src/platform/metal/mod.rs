@@ -384,12 +384,23 @@ impl Platform for MetalPlatform {
             applied
                 .addresses
                 .extend(s.addresses.iter().map(|(ip, _)| *ip));
-            if !s.dhcp || (Some(&s.link) == dhcp_link.as_ref() && lease.is_some()) {
+            if !s.dhcp {
                 continue;
             }
-            match dhcp_on(&handle, &s.link).await {
-                Ok(l) => applied.addresses.push(IpAddr::V4(l.address)),
-                Err(e) => applied.problems.push(e),
+            // The boot's lease already is on this link, or a new exchange (a bond has its
+            // first port's MAC, so the lab's server leases it that port's address). Its
+            // routes wait for the lease: a gateway must be reachable through the link.
+            if Some(&s.link) != dhcp_link.as_ref() || lease.is_none() {
+                match dhcp_on(&handle, &s.link).await {
+                    Ok(l) => applied.addresses.push(IpAddr::V4(l.address)),
+                    Err(e) => {
+                        applied.problems.push(e);
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = net::add_routes(&handle, s).await {
+                applied.problems.push(e);
             }
         }
         applied.problems.extend(failed.into_iter().map(|(_, e)| e));
@@ -399,6 +410,10 @@ impl Platform for MetalPlatform {
     async fn link_status(&self) -> Result<Option<Vec<net::LinkStatus>>, PlatformError> {
         let handle = net::connect()?;
         net::link_status(&handle).await.map(Some)
+    }
+    async fn route_status(&self) -> Result<Option<Vec<net::RouteStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::route_status(&handle).await.map(Some)
     }
     async fn address_status(&self) -> Result<Option<Vec<net::AddressStatus>>, PlatformError> {
         let handle = net::connect()?;

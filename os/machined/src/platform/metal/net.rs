@@ -12,6 +12,7 @@ use rtnetlink::packet_route::link::{
     BondLacpRate, BridgeStpState, InfoBond, InfoData, LinkAttribute, LinkFlags, LinkInfo,
     LinkLayerType, LinkMessage, State,
 };
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBond, LinkBridge, LinkUnspec, LinkVlan, RouteMessageBuilder};
 
 use super::links::{BondSpec, LinkSettings, RouteSpec, Step};
@@ -565,6 +566,82 @@ pub async fn address_status(handle: &Handle) -> Result<Vec<AddressStatus>, Platf
                 .unwrap_or_else(|| msg.header.index.to_string()),
             family: if ip.is_ipv4() { "inet4" } else { "inet6" }.to_owned(),
         });
+    }
+    Ok(out)
+}
+
+/// A route of the main table, as `kiln get routes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    /// `0.0.0.0/0`, `172.31.101.0/24`.
+    pub destination: String,
+    /// Next hop, if not on-link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The link it leaves through.
+    pub out_link_name: String,
+    /// Metric.
+    pub metric: u32,
+    /// `inet4` or `inet6`.
+    pub family: String,
+}
+
+fn route_address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// Every route of the main table, IPv4 then IPv6.
+pub async fn route_status(handle: &Handle) -> Result<Vec<RouteStatus>, PlatformError> {
+    const MAIN_TABLE: u8 = 254;
+    let names: std::collections::BTreeMap<u32, String> = links(handle)
+        .await?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    let mut out = Vec::new();
+    for (family, query) in [
+        ("inet4", RouteMessageBuilder::<Ipv4Addr>::new().build()),
+        ("inet6", RouteMessageBuilder::<Ipv6Addr>::new().build()),
+    ] {
+        let mut stream = handle.route().get(query).execute();
+        while let Some(msg) = stream.try_next().await.map_err(net_err("listing routes"))? {
+            if msg.header.table != MAIN_TABLE {
+                continue;
+            }
+            let mut r = RouteStatus {
+                destination: String::new(),
+                gateway: None,
+                out_link_name: String::new(),
+                metric: 0,
+                family: family.to_owned(),
+            };
+            let mut dst = None;
+            for a in &msg.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = route_address(d),
+                    RouteAttribute::Gateway(g) => {
+                        r.gateway = route_address(g).map(|g| g.to_string())
+                    }
+                    RouteAttribute::Oif(i) => {
+                        r.out_link_name = names.get(i).cloned().unwrap_or_else(|| i.to_string());
+                    }
+                    RouteAttribute::Priority(p) => r.metric = *p,
+                    _ => {}
+                }
+            }
+            let dst = dst.unwrap_or(if family == "inet4" {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            });
+            r.destination = format!("{dst}/{}", msg.header.destination_prefix_length);
+            out.push(r);
+        }
     }
     Ok(out)
 }
