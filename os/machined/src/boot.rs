@@ -494,7 +494,7 @@ async fn boot(
         node.events.publish(
             EventKind::Machine,
             "configureNetwork",
-            "error",
+            "failed",
             problem.to_string(),
         );
     }
