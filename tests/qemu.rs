@@ -3,7 +3,8 @@
 //! metal platform (DHCP from the lab's server, configuration from the launcher), becomes
 //! healthy through the load balancer, a rebuilt image runs after a reboot (the guides'
 //! development loop), and `destroy` leaves no QEMU process, tap, bridge, lease or state file
-//! behind.
+//! behind. A node with two NICs applies the guides' advanced networking (bond, VLANs, bridge,
+//! static routes) and stays reachable when the active bond member loses its link.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
