@@ -278,6 +278,15 @@ pub fn owned(dir: &Path) -> Owned {
         if let Some(t) = n["provider"]["qemu"]["tap"].as_str() {
             o.links.push(t.to_owned());
         }
+        for nic in n["provider"]["qemu"]["extra_nics"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = nic["tap"].as_str() {
+                o.links.push(t.to_owned());
+            }
+        }
     }
     if let Some(b) = state["network"]["bridge"].as_str() {
         o.links.push(b.to_owned());

@@ -121,8 +121,12 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Device {
-    /// Link name (`eth0`, `bond0`, `br0`, `lo`).
+    /// Link name (`eth0`, `bond0`, `br0`, `lo`); empty when `deviceSelector` picks the link.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub interface: String,
+    /// Picks the link by its properties instead of its name (the first match, by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_selector: Option<DeviceSelector>,
     /// Static addresses in CIDR notation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
@@ -149,6 +153,29 @@ pub struct Device {
     pub vlans: Vec<Vlan>,
 }
 
+/// `deviceSelector`: a link picked by what it is rather than by its name. Every field given
+/// must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceSelector {
+    /// Hardware address; `*` matches any characters (`52:54:00:*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_addr: Option<String>,
+    /// Kernel driver (`virtio_net`); `*` matches any characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Only links backed by a device (`true`) or only virtual ones (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<bool>,
+}
+
+impl DeviceSelector {
+    /// Whether no field is given (it would match every link).
+    pub fn is_empty(&self) -> bool {
+        self.hardware_addr.is_none() && self.driver.is_none() && self.physical.is_none()
+    }
+}
+
 /// A static route.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -170,6 +197,9 @@ pub struct Bond {
     /// Member links.
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// Member links picked by their properties (every match of each selector).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_selectors: Vec<DeviceSelector>,
     /// Bonding mode (`balance-rr`, `active-backup`, `balance-xor`, `broadcast`, `802.3ad`,
     /// `balance-tlb`, `balance-alb`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -445,12 +445,30 @@ fn check_network(net: &crate::types::NetworkConfig, mode: Mode, r: &mut Report) 
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, dev) in net.interfaces.iter().enumerate() {
         let base = format!("machine.network.interfaces[{i}]");
+        match &dev.device_selector {
+            Some(sel) if !dev.interface.is_empty() => r.error(
+                &base,
+                format!(
+                    "has both interface {:?} and a deviceSelector",
+                    dev.interface
+                ),
+                "name the link or select it, not both",
+            ),
+            Some(sel) if sel.is_empty() => r.error(
+                format!("{base}.deviceSelector"),
+                "selects nothing: it has no field",
+                "give hardwareAddr, driver or physical",
+            ),
+            _ => {}
+        }
         if dev.interface.trim().is_empty() {
-            r.error(
-                format!("{base}.interface"),
-                "is empty",
-                "name the link, e.g. eth0",
-            );
+            if dev.device_selector.is_none() {
+                r.error(
+                    format!("{base}.interface"),
+                    "is empty",
+                    "name the link, e.g. eth0, or pick it with deviceSelector",
+                );
+            }
         } else if dev.interface.len() > 15 {
             r.error(
                 format!("{base}.interface"),
@@ -458,7 +476,9 @@ fn check_network(net: &crate::types::NetworkConfig, mode: Mode, r: &mut Report) 
                 "Linux link names have at most 15 characters",
             );
         }
-        if let Some(first) = seen.insert(dev.interface.as_str(), i) {
+        if !dev.interface.is_empty()
+            && let Some(first) = seen.insert(dev.interface.as_str(), i)
+        {
             r.error(
                 format!("{base}.interface"),
                 format!(
@@ -480,13 +500,28 @@ fn check_network(net: &crate::types::NetworkConfig, mode: Mode, r: &mut Report) 
                 "make it one or the other; a bridge can contain a bond",
             );
         }
+        let selected = dev
+            .bond
+            .as_ref()
+            .is_some_and(|b| !b.device_selectors.is_empty());
+        if let Some(bond) = &dev.bond {
+            for (j, sel) in bond.device_selectors.iter().enumerate() {
+                if sel.is_empty() {
+                    r.error(
+                        format!("{base}.bond.deviceSelectors[{j}]"),
+                        "selects nothing: it has no field",
+                        "give hardwareAddr, driver or physical",
+                    );
+                }
+            }
+        }
         for (kind, links) in kinds {
             let Some(links) = links else { continue };
-            if links.is_empty() {
+            if links.is_empty() && !(kind == "bond" && selected) {
                 r.error(
                     format!("{base}.{kind}.interfaces"),
                     format!("the {kind} has no member links"),
-                    "list the links to enslave, e.g. [eth0, eth1]",
+                    "list the links to enslave, e.g. [eth0, eth1] (a bond may select them with deviceSelectors)",
                 );
             }
             for (j, link) in links.iter().enumerate() {

@@ -230,3 +230,34 @@ fn modes_differ_in_install_and_network() {
     );
     assert!(!process.is_ok(true), "--strict turns warnings into errors");
 }
+
+#[test]
+fn a_device_selector_picks_a_link_instead_of_a_name() {
+    let ok = errors_of(
+        "machine: {network: {interfaces: [
+            {deviceSelector: {hardwareAddr: '52:54:00:*', driver: virtio_net}, dhcp: true},
+            {interface: bond0, dhcp: true, bond: {mode: active-backup,
+              deviceSelectors: [{driver: virtio_net, physical: true}]}}]}}",
+    );
+    assert!(ok.is_empty(), "{ok:#?}");
+    assert_one_error(
+        "machine: {network: {interfaces: [{interface: eth0, deviceSelector: {driver: e1000}}]}}",
+        "machine.network.interfaces[0]",
+        &["both interface \"eth0\" and a deviceSelector", "not both"],
+    );
+    assert_one_error(
+        "machine: {network: {interfaces: [{deviceSelector: {}, dhcp: true}]}}",
+        "machine.network.interfaces[0].deviceSelector",
+        &["selects nothing", "hardwareAddr"],
+    );
+    assert_one_error(
+        "machine: {network: {interfaces: [{interface: bond0, bond: {deviceSelectors: [{}]}}]}}",
+        "machine.network.interfaces[0].bond.deviceSelectors[0]",
+        &["selects nothing"],
+    );
+    assert_one_error(
+        "machine: {network: {interfaces: [{dhcp: true}]}}",
+        "machine.network.interfaces[0].interface",
+        &["is empty", "deviceSelector"],
+    );
+}

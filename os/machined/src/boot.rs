@@ -481,13 +481,24 @@ async fn boot(
             reason: "no configuration".into(),
         })
     })?;
-    let addresses = wait_or_power(
+    let applied = wait_or_power(
         power_rx,
         retry(node, "configureNetwork", "configuring the network", || {
             node.platform.configure_network(&cfg)
         }),
     )
     .await?;
+    // One interface's error is an event; the rest of the network is up.
+    for problem in &applied.problems {
+        tracing::warn!(error = %problem, "machine.network");
+        node.events.publish(
+            EventKind::Machine,
+            "configureNetwork",
+            "failed",
+            problem.to_string(),
+        );
+    }
+    let addresses = applied.addresses;
     node.set_addresses(addresses.clone());
     phase(
         node,

@@ -218,6 +218,31 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
         node: &str,
         action: PowerAction,
     ) -> Result<NodeStatus, ProvisionError>;
+    /// Link down or up (`up`) of one of the node's NICs, counted from 0; NIC 0 is what
+    /// `link-down` / `link-up` cut. Only qemu nodes can have more than one (`--nics`).
+    async fn nic_link(
+        &self,
+        dir: &StateDir,
+        state: &ClusterState,
+        node: &str,
+        nic: usize,
+        up: bool,
+    ) -> Result<NodeStatus, ProvisionError> {
+        if nic != 0 {
+            return Err(ProvisionError::Unavailable {
+                provisioner: self.name().to_owned(),
+                reason: format!(
+                    "its nodes have one link: there is no NIC {nic} (NICs are counted from 0; only qemu nodes get more, with `cluster create --nics N`)"
+                ),
+            });
+        }
+        let action = if up {
+            PowerAction::LinkUp
+        } else {
+            PowerAction::LinkDown
+        };
+        self.power(dir, state, node, action).await
+    }
     /// The node's power state.
     async fn status(
         &self,

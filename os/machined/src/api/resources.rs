@@ -11,13 +11,15 @@ use crate::etcd;
 use crate::node::Node;
 
 /// Resource types, with aliases, for messages.
-pub const TYPES: [&str; 10] = [
+pub const TYPES: [&str; 12] = [
     "machinetype",
     "machinestatus",
     "services",
     "members",
     "etcdmembers",
     "addresses",
+    "links",
+    "routes",
     "hostname",
     "staticpods",
     "meta",
@@ -124,6 +126,28 @@ pub async fn list(node: &Node, rtype: &str, role: &str) -> ApiResult<Vec<pb::Res
             }
             out
         }
+        "addresses" if let Some(live) = node.platform.address_status().await.map_err(|e| ApiError::Unavailable(e.to_string()))? => live
+            .into_iter()
+            .map(|a| resource("network", "AddressStatus", &format!("{}/{}", a.link_name, a.address), 1, &a))
+            .collect(),
+        "links" => node
+            .platform
+            .link_status()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .ok_or_else(|| ApiError::FailedPrecondition("links are the host's or the container runtime's on this platform: `kiln get addresses` shows the node's".into()))?
+            .into_iter()
+            .map(|l| resource("network", "LinkStatus", &l.name, 1, &l))
+            .collect(),
+        "routes" => node
+            .platform
+            .route_status()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .ok_or_else(|| ApiError::FailedPrecondition("routes are the host's or the container runtime's on this platform".into()))?
+            .into_iter()
+            .map(|r| resource("network", "RouteStatus", &format!("{}/{}/{}", r.out_link_name, r.gateway.as_deref().unwrap_or("link"), r.destination), 1, &r))
+            .collect(),
         "addresses" => node
             .addresses()
             .into_iter()

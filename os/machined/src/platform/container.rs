@@ -12,7 +12,10 @@ use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_CONTAINER_SHUTDOWN, EXIT_REBOOT};
 use kiln_os_api::wait::{Poll, until};
 
-use super::{Platform, PlatformError, PlatformKind, Power, prepare_directories, wipe_directory};
+use super::{
+    NetworkApplied, Platform, PlatformError, PlatformKind, Power, prepare_directories,
+    wipe_directory,
+};
 use crate::volumes::Volumes;
 
 /// How long [`Platform::address`] waits for Docker's address to show up.
@@ -100,9 +103,12 @@ impl Platform for ContainerPlatform {
     async fn configure_network(
         &self,
         _config: &MachineConfig,
-    ) -> Result<Vec<IpAddr>, PlatformError> {
+    ) -> Result<NetworkApplied, PlatformError> {
         // Docker owns the container's network; interfaces in the configuration do not apply.
-        Ok(vec![self.address().await?])
+        Ok(NetworkApplied {
+            addresses: vec![self.address().await?],
+            problems: vec![],
+        })
     }
     fn kernel_config_url(&self) -> Option<String> {
         None

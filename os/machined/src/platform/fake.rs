@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use kiln_config::{MachineConfig, Mode};
 use tokio::sync::watch;
 
-use super::{Platform, PlatformError, PlatformKind, Power, prepare_directories, wipe_directory};
+use super::{
+    NetworkApplied, Platform, PlatformError, PlatformKind, Power, prepare_directories,
+    wipe_directory,
+};
 use crate::volumes::Volumes;
 
 /// The fake.
@@ -125,9 +128,12 @@ impl Platform for FakePlatform {
     async fn configure_network(
         &self,
         _config: &MachineConfig,
-    ) -> Result<Vec<IpAddr>, PlatformError> {
+    ) -> Result<NetworkApplied, PlatformError> {
         self.record("configure_network");
-        Ok(self.address.borrow().iter().copied().collect())
+        Ok(NetworkApplied {
+            addresses: self.address.borrow().iter().copied().collect(),
+            problems: vec![],
+        })
     }
     fn kernel_config_url(&self) -> Option<String> {
         self.record("kernel_config_url");

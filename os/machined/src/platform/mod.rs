@@ -13,8 +13,8 @@
 //!   `container`: the interface Docker gave). [`Platform::address`] then resolves to the
 //!   address the API and etcd bind and advertise; it may be learned late (a DHCP lease), and
 //!   the API binds only after it. [`Platform::configure_network`] applies the configuration's
-//!   `machine.network` once one is known (`metal`: static addresses, routes, hostname through
-//!   netlink). Both are async and fail with a [`PlatformError`] that says what went wrong.
+//!   `machine.network` once one is known (`metal`: bonds, bridges, VLANs, static addresses,
+//!   routes, hostname through netlink; one interface's failure is reported, not fatal). Both are async and fail with a [`PlatformError`] that says what went wrong.
 //! - **Configuration sources** the platform adds: [`Platform::kernel_config_url`]
 //!   (`kiln.config=` on the kernel command line, `metal`).
 //! - **Power**: [`Platform::power`] ends this boot. `process` returns the exit code the node
@@ -114,6 +114,15 @@ pub enum PlatformError {
 }
 
 /// A platform Kiln OS runs on. See the module documentation for what each must provide.
+/// What [`Platform::configure_network`] did.
+#[derive(Debug, Default)]
+pub struct NetworkApplied {
+    /// The node's addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Parts of `machine.network` that could not be applied, each said once.
+    pub problems: Vec<PlatformError>,
+}
+
 #[async_trait]
 pub trait Platform: Send + Sync + std::fmt::Debug + 'static {
     /// Which platform this is.
@@ -137,9 +146,29 @@ pub trait Platform: Send + Sync + std::fmt::Debug + 'static {
     /// The address the node's API and etcd listen on and advertise, once the network has
     /// one. May wait (a DHCP lease); the caller bounds the wait and reports it.
     async fn address(&self) -> Result<IpAddr, PlatformError>;
-    /// Applies the network part of `config`; returns the node's addresses.
-    async fn configure_network(&self, config: &MachineConfig)
-    -> Result<Vec<IpAddr>, PlatformError>;
+    /// Applies the network part of `config`; returns the node's addresses and what could not
+    /// be applied (one interface's error does not stop the others).
+    async fn configure_network(
+        &self,
+        config: &MachineConfig,
+    ) -> Result<NetworkApplied, PlatformError>;
+    /// The kernel's links, for `kiln get links`; `None` where the node has no links of its own
+    /// (`process`, `container`).
+    async fn link_status(&self) -> Result<Option<Vec<metal::net::LinkStatus>>, PlatformError> {
+        Ok(None)
+    }
+    /// The kernel's routes, for `kiln get routes`; `None` where the node has no links of its
+    /// own.
+    async fn route_status(&self) -> Result<Option<Vec<metal::net::RouteStatus>>, PlatformError> {
+        Ok(None)
+    }
+    /// The addresses on the kernel's links, for `kiln get addresses`; `None` where the node
+    /// has no links of its own.
+    async fn address_status(
+        &self,
+    ) -> Result<Option<Vec<metal::net::AddressStatus>>, PlatformError> {
+        Ok(None)
+    }
     /// A configuration URL the platform itself provides (`kiln.config=` on the kernel command
     /// line on `metal`); `None` where there is no such source.
     fn kernel_config_url(&self) -> Option<String>;

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_REBOOT, EXIT_SHUTDOWN};
 
-use super::{Platform, PlatformError, PlatformKind, Power, prepare_directories, wipe_directory};
+use super::{
+    NetworkApplied, Platform, PlatformError, PlatformKind, Power, prepare_directories,
+    wipe_directory,
+};
 use crate::volumes::Volumes;
 
 /// A node that is a process.
@@ -84,10 +87,13 @@ impl Platform for ProcessPlatform {
     async fn configure_network(
         &self,
         _config: &MachineConfig,
-    ) -> Result<Vec<IpAddr>, PlatformError> {
+    ) -> Result<NetworkApplied, PlatformError> {
         // The launcher gave the address; interfaces in the configuration do not apply here
         // (validation warns about them in process mode).
-        Ok(vec![self.address])
+        Ok(NetworkApplied {
+            addresses: vec![self.address],
+            problems: vec![],
+        })
     }
     fn kernel_config_url(&self) -> Option<String> {
         self.cmdline

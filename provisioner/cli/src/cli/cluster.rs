@@ -48,6 +48,10 @@ pub enum ClusterCommand {
         action: PowerAction,
         /// Node name.
         node: String,
+        /// With link-down / link-up: the NIC, counted from 0 (qemu nodes created with
+        /// `--nics`); default: the first.
+        #[arg(long, value_name = "N")]
+        nic: Option<usize>,
         #[command(flatten)]
         target: Target,
     },
@@ -199,6 +203,10 @@ pub struct QemuArgs {
     /// without --with-uefi.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     with_bootloader: bool,
+    /// NICs per node (qemu), each a tap on the cluster bridge; the first has the DHCP lease,
+    /// the others are for bonds and VLANs in `machine.network` (eth1, eth2, ... in the guest).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    nics: u8,
     /// Kernel to boot (qemu; default: the newest `kiln image build`'s vmlinux).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
@@ -267,6 +275,7 @@ impl QemuArgs {
             qemu: "qemu-system-x86_64".into(),
             image_store: (self.image.is_none() && self.kernel.is_none() && self.initrd.is_none())
                 .then_some(root),
+            extra_nics: self.nics - 1,
         })
     }
 }
@@ -324,13 +333,22 @@ pub async fn run(cmd: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()>
         ClusterCommand::Node {
             action,
             node,
+            nic,
             target,
         } => {
             let dir = target.dir()?;
             let state = dir.load()?;
-            let status = provision::by_name(&state.provisioner)?
-                .power(&dir, &state, &node, action)
-                .await?;
+            let provisioner = provision::by_name(&state.provisioner)?;
+            let status = match (nic, action) {
+                (None, _) => provisioner.power(&dir, &state, &node, action).await?,
+                (Some(nic), PowerAction::LinkDown | PowerAction::LinkUp) => {
+                    let up = action == PowerAction::LinkUp;
+                    provisioner.nic_link(&dir, &state, &node, nic, up).await?
+                }
+                (Some(_), _) => {
+                    anyhow::bail!("--nic goes with link-down or link-up only")
+                }
+            };
             println!("{node}: {}", status.power);
             Ok(())
         }

@@ -177,7 +177,16 @@ impl Reply {
 
 /// Sends a command to the launcher listening on `socket`.
 pub async fn send(socket: &Path, command: Command) -> Result<NodeStatus, LauncherError> {
-    let word = command.word();
+    send_line(socket, command.word(), command.word()).await
+}
+
+/// Sends `request`, a command with its arguments (the qemu launcher's `nic-down 1`), to the
+/// launcher listening on `socket`; `word` names the command in errors.
+pub async fn send_line(
+    socket: &Path,
+    word: &'static str,
+    request: &str,
+) -> Result<NodeStatus, LauncherError> {
     let proto = |reason: String| LauncherError::Protocol {
         socket: socket.to_path_buf(),
         reason,
@@ -195,7 +204,7 @@ pub async fn send(socket: &Path, command: Command) -> Result<NodeStatus, Launche
             source,
         })?;
     let (r, mut w) = stream.into_split();
-    w.write_all(format!("{word}\n").as_bytes())
+    w.write_all(format!("{request}\n").as_bytes())
         .await
         .map_err(|e| proto(format!("sending {word}: {e}")))?;
     let mut line = String::new();

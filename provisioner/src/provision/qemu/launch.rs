@@ -44,11 +44,11 @@ pub enum Boot {
 }
 
 /// A NIC on a tap device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nic {
     /// The tap device on the host (created by the lab and attached to the cluster bridge).
     pub tap: String,
-    /// Fixed MAC (the DHCP server's static lease).
+    /// Fixed MAC (the DHCP server's static lease, for the first NIC).
     pub mac: String,
 }
 

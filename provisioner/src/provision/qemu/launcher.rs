@@ -3,7 +3,9 @@
 //! `kiln.config=` on its kernel command line), runs QEMU, and takes the process launcher's
 //! one-line commands on the node's Unix socket, carried out through QMP: `poweroff` (the ACPI
 //! power button, then `quit` after a grace period), `poweron`, `reset` (hard), `pause` /
-//! `resume` (`stop` / `cont`), `link-down` / `link-up` (`set_link`).
+//! `resume` (`stop` / `cont`), `link-down` / `link-up` (`set_link` of the first NIC), and
+//! `nic-down N` / `nic-up N` ([`NicCommand`]: `set_link` of NIC N, counted from 0, for nodes
+//! with several NICs).
 //!
 //! QEMU runs with `-no-reboot`, so a guest reboot ends it; a second QMP socket reports the
 //! `SHUTDOWN` event's reason, and the launcher starts QEMU again after a reboot (reading the
@@ -46,6 +48,42 @@ pub fn monitor_socket(dir: &StateDir, node: &str) -> PathBuf {
 /// Where the cluster records the accelerator its nodes use (`cluster show`).
 pub fn accel_file(dir: &StateDir) -> PathBuf {
     dir.dir.join("accel.json")
+}
+
+/// Link down or up of one of a node's NICs (`nic-down 1`), the launcher's command for
+/// `kiln cluster node link-down NODE --nic N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicCommand {
+    /// The NIC, counted from 0 in the order QEMU gets them (`eth0`, `eth1`, ... in the guest).
+    pub nic: usize,
+    /// Link up (`true`) or down.
+    pub up: bool,
+}
+
+impl NicCommand {
+    /// The command's word (`nic-up` / `nic-down`).
+    pub fn word(self) -> &'static str {
+        if self.up { "nic-up" } else { "nic-down" }
+    }
+
+    /// The line the launcher reads.
+    pub fn line(self) -> String {
+        format!("{} {}", self.word(), self.nic)
+    }
+
+    /// The command a line names.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (word, nic) = line.trim().split_once(' ')?;
+        let up = match word {
+            "nic-up" => true,
+            "nic-down" => false,
+            _ => return None,
+        };
+        Some(Self {
+            nic: nic.trim().parse().ok()?,
+            up,
+        })
+    }
 }
 
 /// How long an ACPI power-off may take before QEMU is stopped hard.
@@ -164,10 +202,7 @@ impl Launcher {
             accel: self.accel,
             boot,
             disk: Some(self.qemu.disk.clone()),
-            nics: vec![Nic {
-                tap: self.qemu.tap.clone(),
-                mac: self.qemu.mac.clone(),
-            }],
+            nics: self.qemu.nics(),
             console_log: self.dir.log(&self.node.name),
             qmp_socket: qmp_socket(&self.dir, &self.node.name),
             monitor_socket: monitor_socket(&self.dir, &self.node.name),
@@ -291,10 +326,28 @@ impl Launcher {
                 self.paused = false;
             }
             Command::LinkDown | Command::LinkUp => {
-                let up = cmd == Command::LinkUp;
-                self.qmp(move |q| q.set_link(&Nic::id(0), up)).await?;
-                self.link_up = up;
+                self.nic_link(NicCommand {
+                    nic: 0,
+                    up: cmd == Command::LinkUp,
+                })
+                .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// `set_link` of one NIC; the node's link state is its first NIC's.
+    async fn nic_link(&mut self, c: NicCommand) -> Result<(), String> {
+        let count = self.qemu.nics().len();
+        if c.nic >= count {
+            return Err(format!(
+                "{} has {count} NIC(s), numbered from 0: there is no NIC {} (give nodes more with `cluster create --nics N`)",
+                self.node.name, c.nic
+            ));
+        }
+        self.qmp(move |q| q.set_link(&Nic::id(c.nic), c.up)).await?;
+        if c.nic == 0 {
+            self.link_up = c.up;
         }
         Ok(())
     }
@@ -441,12 +494,16 @@ pub async fn run(dir: PathBuf, node: String) -> Result<(), LaunchError> {
                 if BufReader::new(r).read_line(&mut line).await.is_err() {
                     continue;
                 }
-                let reply = match Command::parse(line.trim()) {
-                    None => Reply::error(format!(
-                        "unknown command {:?}: use status, poweroff, poweron, reset, pause, resume, link-down or link-up",
+                let reply = match (Command::parse(line.trim()), NicCommand::parse(&line)) {
+                    (None, Some(nic)) => match l.nic_link(nic).await {
+                        Ok(()) => Reply::status(l.status()),
+                        Err(error) => Reply::error(error),
+                    },
+                    (None, None) => Reply::error(format!(
+                        "unknown command {:?}: use status, poweroff, poweron, reset, pause, resume, link-down, link-up, nic-down N or nic-up N",
                         line.trim()
                     )),
-                    Some(cmd) => match l.command(cmd).await {
+                    (Some(cmd), _) => match l.command(cmd).await {
                         Ok(()) => Reply::status(l.status()),
                         Err(error) => Reply::error(error),
                     },

@@ -62,6 +62,14 @@ pub struct QemuOptions {
     /// image was pinned (`--image`, `--kernel`, `--initrd`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_store: Option<PathBuf>,
+    /// NICs per node besides the first (each a tap on the cluster bridge; only the first has
+    /// a DHCP lease): for bonds and the guides' advanced networking.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub extra_nics: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 impl Default for QemuOptions {
@@ -77,6 +85,7 @@ impl Default for QemuOptions {
             extra_cmdline: String::new(),
             qemu: "qemu-system-x86_64".into(),
             image_store: None,
+            extra_nics: 0,
         }
     }
 }
@@ -147,6 +156,26 @@ pub struct QemuNode {
     pub disk: PathBuf,
     /// How it is launched.
     pub options: QemuOptions,
+    /// Its further NICs (`--nics`), in order after the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_nics: Vec<launch::Nic>,
+}
+
+impl QemuNode {
+    /// All its NICs, the first (the one with the DHCP lease) first.
+    pub fn nics(&self) -> Vec<launch::Nic> {
+        std::iter::once(launch::Nic {
+            tap: self.tap.clone(),
+            mac: self.mac.clone(),
+        })
+        .chain(self.extra_nics.iter().cloned())
+        .collect()
+    }
+
+    /// The tap devices of all its NICs.
+    pub fn taps(&self) -> Vec<String> {
+        self.nics().into_iter().map(|n| n.tap).collect()
+    }
 }
 
 /// The launcher helper of `node`.
@@ -162,6 +191,11 @@ pub fn bridge_name(dir: &StateDir) -> String {
 /// Tap name of node `index`: `kt`, 6 hex digits of the cluster identity, `n`, index.
 pub fn tap_name(dir: &StateDir, index: usize) -> String {
     format!("kt{}n{index}", &dir.id()[2..])
+}
+
+/// Tap name of NIC `nic` (from 1) of node `index`: its first tap's name, `x`, `nic`.
+pub fn extra_tap_name(dir: &StateDir, index: usize, nic: u8) -> String {
+    format!("{}x{nic}", tap_name(dir, index))
 }
 
 fn network_error(cluster: &str) -> impl FnOnce(netlink::NetlinkError) -> ProvisionError + '_ {
@@ -264,6 +298,14 @@ impl Provisioner for QemuProvisioner {
                 mac: crate::dhcpd_helper::node_mac(&cluster, &n.name).to_string(),
                 disk: dir.dir.join(format!("{}.qcow2", n.name)),
                 options: self.options.clone(),
+                extra_nics: (1..=self.options.extra_nics)
+                    .map(|k| launch::Nic {
+                        tap: extra_tap_name(dir, i, k),
+                        // Not a node name, so no lease: only the first NIC has one.
+                        mac: crate::dhcpd_helper::node_mac(&cluster, &format!("{}/nic{k}", n.name))
+                            .to_string(),
+                    })
+                    .collect(),
             };
             n.set_provider_state(NAME, &node);
         }
@@ -311,7 +353,7 @@ impl Provisioner for QemuProvisioner {
         let mut links = vec![bridge.clone()];
         for n in &state.nodes {
             if let Some(q) = n.provider_state::<QemuNode>(NAME) {
-                links.push(q.tap);
+                links.extend(q.taps());
             }
         }
         for l in &links {
@@ -348,19 +390,21 @@ impl Provisioner for QemuProvisioner {
             let Some(q) = n.provider_state::<QemuNode>(NAME) else {
                 continue;
             };
-            if netlink::alias_of(&handle, &q.tap)
-                .await
-                .map_err(network_error(cluster))?
-                .is_none()
-            {
-                run_tool("ip", &["tuntap", "add", "dev", &q.tap, "mode", "tap"])?;
+            for tap in q.taps() {
+                if netlink::alias_of(&handle, &tap)
+                    .await
+                    .map_err(network_error(cluster))?
+                    .is_none()
+                {
+                    run_tool("ip", &["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+                }
+                netlink::set_alias(&handle, &tap, &mark)
+                    .await
+                    .map_err(network_error(cluster))?;
+                netlink::attach(&handle, &tap, bridge, state.network.mtu)
+                    .await
+                    .map_err(network_error(cluster))?;
             }
-            netlink::set_alias(&handle, &q.tap, &mark)
-                .await
-                .map_err(network_error(cluster))?;
-            netlink::attach(&handle, &q.tap, bridge, state.network.mtu)
-                .await
-                .map_err(network_error(cluster))?;
             // A copy-on-write overlay: the image's disk stays as built.
             if !q.disk.exists() {
                 let backing = q.options.disk_image.display().to_string();
@@ -464,7 +508,8 @@ impl Provisioner for QemuProvisioner {
         let mut links: Vec<String> = state
             .nodes
             .iter()
-            .filter_map(|n| n.provider_state::<QemuNode>(NAME).map(|q| q.tap))
+            .filter_map(|n| n.provider_state::<QemuNode>(NAME))
+            .flat_map(|q| q.taps())
             .collect();
         links.extend(state.network.bridge.clone());
         for l in &links {
@@ -488,6 +533,24 @@ impl Provisioner for QemuProvisioner {
     ) -> Result<NodeStatus, ProvisionError> {
         require_node(state, node)?;
         protocol::send(&dir.socket(node), protocol::Command::from(action))
+            .await
+            .map_err(|source| ProvisionError::Launcher {
+                node: node.to_owned(),
+                source,
+            })
+    }
+
+    async fn nic_link(
+        &self,
+        dir: &StateDir,
+        state: &ClusterState,
+        node: &str,
+        nic: usize,
+        up: bool,
+    ) -> Result<NodeStatus, ProvisionError> {
+        require_node(state, node)?;
+        let c = launcher::NicCommand { nic, up };
+        protocol::send_line(&dir.socket(node), c.word(), &c.line())
             .await
             .map_err(|source| ProvisionError::Launcher {
                 node: node.to_owned(),
@@ -521,5 +584,63 @@ mod tests {
         let b = StateDir::new(std::path::Path::new("/tmp/one"), "qemu-a-2");
         assert!(tap_name(&a, 29).len() <= 15);
         assert_ne!(tap_name(&a, 0), tap_name(&b, 0));
+        assert!(extra_tap_name(&a, 29, 3).len() <= 15);
+        assert_ne!(extra_tap_name(&a, 1, 1), tap_name(&a, 11));
+    }
+
+    #[test]
+    fn extra_nics_get_their_own_taps_and_macs_after_the_first() {
+        let dir = StateDir::new(std::path::Path::new("/tmp/one"), "qemu-nics");
+        let mut state = ClusterState {
+            name: "qemu-nics".into(),
+            provisioner: NAME.into(),
+            network: crate::state::NetworkState {
+                mode: NetworkMode::Bridge,
+                cidr: "10.5.0.0/24".into(),
+                gateway: "10.5.0.1".parse().unwrap(),
+                bridge: None,
+                mtu: 1500,
+                firewall: vec![],
+                airgapped: false,
+            },
+            nodes: vec![crate::state::NodeState {
+                name: "cp-1".into(),
+                role: kiln_config::MachineType::Controlplane,
+                address: "10.5.0.2".parse().unwrap(),
+                config: PathBuf::from("/dev/null"),
+                inject_config: true,
+                provider: Default::default(),
+            }],
+            helpers: vec![],
+            endpoint: "https://10.5.0.1:6443".into(),
+            created: String::new(),
+        };
+        let p = QemuProvisioner {
+            options: QemuOptions {
+                extra_nics: 1,
+                ..QemuOptions::default()
+            },
+        };
+        p.plan(&dir, &mut state);
+        let q: QemuNode = state.nodes[0].provider_state(NAME).unwrap();
+        let nics = q.nics();
+        assert_eq!(nics.len(), 2);
+        assert_eq!(nics[0].tap, tap_name(&dir, 0));
+        assert_eq!(nics[1].tap, extra_tap_name(&dir, 0, 1));
+        assert_ne!(nics[0].mac, nics[1].mac);
+        assert_eq!(q.taps().len(), 2);
+    }
+
+    #[test]
+    fn nic_commands_name_their_nic() {
+        let c = launcher::NicCommand { nic: 1, up: false };
+        assert_eq!(c.line(), "nic-down 1");
+        assert_eq!(launcher::NicCommand::parse("nic-down 1\n"), Some(c));
+        assert_eq!(
+            launcher::NicCommand::parse("nic-up 0"),
+            Some(launcher::NicCommand { nic: 0, up: true })
+        );
+        assert_eq!(launcher::NicCommand::parse("nic-up eth1"), None);
+        assert_eq!(launcher::NicCommand::parse("link-down"), None);
     }
 }

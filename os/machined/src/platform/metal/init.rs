@@ -194,6 +194,17 @@ pub fn parse_dep(text: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// Parameters a module loads with: `bonding` makes no `bond0` of its own (its default), so
+/// the bonds are the configuration's, with its mode, made by `configure_network`.
+fn module_params(module: &str) -> &'static std::ffi::CStr {
+    let file = module.rsplit('/').next().unwrap_or(module);
+    if file.split('.').next() == Some("bonding") {
+        c"max_bonds=0"
+    } else {
+        c""
+    }
+}
+
 fn load_with_deps(
     tree: &Path,
     module: &str,
@@ -221,7 +232,7 @@ fn load_with_deps(
     } else {
         nix::kmod::ModuleInitFlags::empty()
     };
-    match nix::kmod::finit_module(&file, c"", flags) {
+    match nix::kmod::finit_module(&file, module_params(module), flags) {
         Ok(()) => count += 1,
         Err(nix::Error::EEXIST) => {}
         Err(source) => {
@@ -325,6 +336,15 @@ fn unmount_volumes() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bonding_loads_without_a_bond_of_its_own() {
+        assert_eq!(
+            module_params("kernel/drivers/net/bonding/bonding.ko.xz"),
+            c"max_bonds=0"
+        );
+        assert_eq!(module_params("kernel/net/bridge/bridge.ko.xz"), c"");
+    }
 
     #[test]
     fn dependencies_load_before_the_module_that_needs_them() {

@@ -1,20 +1,24 @@
 //! The `metal` platform: machined is PID 1 of a (virtual) machine booted from the Kiln kernel
 //! and initramfs ([`init`]). Volumes are the disk's GPT partitions found by name, formatted on
 //! first boot ([`disks`]); the network is brought up through rtnetlink ([`net`]) with a DHCP
-//! lease on the first Ethernet link ([`dhcp`]) and the static addresses and routes of
-//! `machine.network`; the configuration URL comes from `kiln.config=` on the kernel command
-//! line; the ACPI power button powers the node off cleanly ([`button`]). Power ends the node
-//! process with the launcher codes, and PID 1 turns them into `reboot(2)`.
+//! lease on the first Ethernet link ([`dhcp`]), then `machine.network` is applied as a plan
+//! ([`links`]): bonds, bridges and VLANs, then MTU, static addresses, routes and DHCP per link
+//! (the kernel modules for them are loaded by [`init`]); the configuration URL comes from
+//! `kiln.config=` on the kernel command line; the ACPI power button powers the node off
+//! cleanly ([`button`]). Power ends the node process with the launcher codes, and PID 1 turns
+//! them into `reboot(2)`.
 //!
 //! # Limitations
 //!
-//! Bonds, bridges and VLANs of `machine.network` are not applied yet (logged and skipped). The
-//! DHCP lease is taken once per boot and not renewed: the lab's leases are static.
+//! `machine.network` is applied once per boot (a new configuration's interfaces take a
+//! reboot); `deviceSelector` knows `hardwareAddr`, `driver` and `physical`. The DHCP lease is
+//! taken once per boot and not renewed: the lab's leases are static.
 
 pub mod button;
 pub mod dhcp;
 pub mod disks;
 pub mod init;
+pub mod links;
 pub mod net;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,7 +31,7 @@ use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_REBOOT, EXIT_SHUTDOWN, LABEL_EPHEMERAL, LABEL_META, LABEL_STATE};
 use tokio::sync::watch;
 
-use super::{Platform, PlatformError, PlatformKind, Power};
+use super::{NetworkApplied, Platform, PlatformError, PlatformKind, Power};
 use crate::volumes::Volumes;
 
 /// The kernel argument naming the configuration URL.
@@ -120,6 +124,59 @@ fn write_resolvers(servers: &[String]) {
     if let Err(e) = std::fs::write("/etc/resolv.conf", text) {
         tracing::warn!(error = %e, "writing /etc/resolv.conf");
     }
+}
+
+/// What `deviceSelector`s match against: each link's name and address from netlink, its
+/// driver and whether a device backs it from sysfs.
+async fn link_facts(handle: &rtnetlink::Handle) -> Result<Vec<links::LinkFacts>, PlatformError> {
+    Ok(net::links(handle)
+        .await?
+        .into_iter()
+        .map(|l| {
+            let device = std::path::Path::new("/sys/class/net")
+                .join(&l.name)
+                .join("device");
+            links::LinkFacts {
+                hardware_addr: l
+                    .mac
+                    .map(|m| {
+                        m.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    })
+                    .unwrap_or_default(),
+                driver: std::fs::read_link(device.join("driver"))
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+                physical: device.exists(),
+                name: l.name,
+            }
+        })
+        .collect())
+}
+
+/// One DHCP exchange on `link` (a bond, bridge or VLAN with `dhcp: true`), applied.
+async fn dhcp_on(handle: &rtnetlink::Handle, link: &str) -> Result<dhcp::Lease, PlatformError> {
+    let mac = net::links(handle)
+        .await?
+        .into_iter()
+        .find(|l| l.name == link)
+        .and_then(|l| l.mac)
+        .ok_or_else(|| PlatformError::Network {
+            step: format!("DHCP on {link}"),
+            reason: "the link has no hardware address".into(),
+        })?;
+    let lease =
+        dhcp::acquire(link, mac, DHCP_TIMEOUT)
+            .await
+            .map_err(|e| PlatformError::Network {
+                step: format!("DHCP on {link}"),
+                reason: e.to_string(),
+            })?;
+    apply_lease(link, &lease).await?;
+    tracing::info!(link, address = %lease.address, prefix = lease.prefix, "DHCP lease");
+    Ok(lease)
 }
 
 async fn apply_lease(link: &str, lease: &dhcp::Lease) -> Result<(), PlatformError> {
@@ -268,71 +325,99 @@ impl Platform for MetalPlatform {
     async fn configure_network(
         &self,
         config: &MachineConfig,
-    ) -> Result<Vec<IpAddr>, PlatformError> {
-        let mut addresses: Vec<IpAddr> = self
-            .lease_tx
-            .borrow()
-            .as_ref()
-            .map(|l| IpAddr::V4(l.address))
-            .into_iter()
-            .collect();
+    ) -> Result<NetworkApplied, PlatformError> {
+        let lease = self.lease_tx.borrow().clone();
+        let mut applied = NetworkApplied {
+            addresses: lease.iter().map(|l| IpAddr::V4(l.address)).collect(),
+            problems: Vec::new(),
+        };
         let Some(network) = config.machine.network.as_ref() else {
-            return Ok(addresses);
+            return Ok(applied);
         };
         if let Some(h) = &network.hostname {
             let _ = nix::unistd::sethostname(h);
         }
         write_resolvers(&network.nameservers);
         let handle = net::connect()?;
-        for dev in &network.interfaces {
-            if dev.ignore == Some(true) {
+        let (network, mut problems) = if network.interfaces.iter().any(|d| {
+            d.device_selector.is_some()
+                || d.bond
+                    .as_ref()
+                    .is_some_and(|b| !b.device_selectors.is_empty())
+        }) {
+            links::resolve(network, &link_facts(&handle).await?)
+        } else {
+            (network.clone(), Vec::new())
+        };
+        let (steps, plan_problems) = links::plan(&network);
+        problems.extend(plan_problems);
+        for p in problems {
+            applied.problems.push(PlatformError::Network {
+                step: format!("machine.network.interfaces: {}", p.interface),
+                reason: p.reason,
+            });
+        }
+        if steps.is_empty() {
+            return Ok(applied);
+        }
+        let failed = net::apply_plan(&handle, &steps).await;
+        let failed_links: Vec<&str> = failed.iter().map(|(l, _)| l.as_str()).collect();
+        let dhcp_link = self
+            .dhcp_link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The boot's lease stays where it is unless its link became a port.
+        let lease_moved = steps.iter().any(|s| {
+            matches!(s, links::Step::Enslave { member, .. } if Some(member) == dhcp_link.as_ref())
+        });
+        if lease_moved {
+            applied.addresses.clear();
+        }
+        for step in &steps {
+            let links::Step::Configure(s) = step else {
+                continue;
+            };
+            if failed_links.contains(&s.link.as_str()) {
                 continue;
             }
-            if dev.bond.is_some() || dev.bridge.is_some() || !dev.vlans.is_empty() {
-                tracing::warn!(
-                    interface = dev.interface,
-                    "bonds, bridges and VLANs are not applied on metal yet; skipped"
-                );
+            applied
+                .addresses
+                .extend(s.addresses.iter().map(|(ip, _)| *ip));
+            if !s.dhcp {
                 continue;
             }
-            let index = net::index_of(&handle, &dev.interface).await?;
-            net::up(&handle, index, &dev.interface, dev.mtu).await?;
-            for a in &dev.addresses {
-                let (ip, prefix) = parse_cidr(a).ok_or_else(|| PlatformError::Network {
-                    step: format!("address {a} on {}", dev.interface),
-                    reason: "not in CIDR notation (e.g. 192.168.2.10/24)".into(),
-                })?;
-                net::add_address(&handle, index, &dev.interface, ip, prefix).await?;
-                addresses.push(ip);
-            }
-            for r in &dev.routes {
-                let (IpAddr::V4(dst), prefix) =
-                    parse_cidr(&r.network).ok_or_else(|| PlatformError::Network {
-                        step: format!("route {} on {}", r.network, dev.interface),
-                        reason: "not in CIDR notation (e.g. 0.0.0.0/0)".into(),
-                    })?
-                else {
-                    tracing::warn!(
-                        route = r.network,
-                        "IPv6 routes are not applied on metal yet"
-                    );
-                    continue;
-                };
-                let gw = match r.gateway.as_deref().map(str::parse::<Ipv4Addr>) {
-                    None => None,
-                    Some(Ok(g)) => Some(g),
-                    Some(Err(e)) => {
-                        return Err(PlatformError::Network {
-                            step: format!("route {} on {}", r.network, dev.interface),
-                            reason: format!("gateway: {e}"),
-                        });
+            // The boot's lease already is on this link, or a new exchange (a bond has its
+            // first port's MAC, so the lab's server leases it that port's address). Its
+            // routes wait for the lease: a gateway must be reachable through the link.
+            if Some(&s.link) != dhcp_link.as_ref() || lease.is_none() {
+                match dhcp_on(&handle, &s.link).await {
+                    Ok(l) => applied.addresses.push(IpAddr::V4(l.address)),
+                    Err(e) => {
+                        applied.problems.push(e);
+                        continue;
                     }
-                };
-                net::add_route_v4(&handle, index, dst, prefix, gw, r.metric).await?;
+                }
+            }
+            if let Err(e) = net::add_routes(&handle, s).await {
+                applied.problems.push(e);
             }
         }
-        addresses.dedup();
-        Ok(addresses)
+        applied.problems.extend(failed.into_iter().map(|(_, e)| e));
+        applied.addresses.dedup();
+        Ok(applied)
+    }
+    async fn link_status(&self) -> Result<Option<Vec<net::LinkStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::link_status(&handle).await.map(Some)
+    }
+    async fn route_status(&self) -> Result<Option<Vec<net::RouteStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::route_status(&handle).await.map(Some)
+    }
+    async fn address_status(&self) -> Result<Option<Vec<net::AddressStatus>>, PlatformError> {
+        let handle = net::connect()?;
+        net::address_status(&handle).await.map(Some)
     }
     fn kernel_config_url(&self) -> Option<String> {
         kernel_arg(&self.cmdline, CONFIG_ARG)
@@ -344,11 +429,6 @@ impl Platform for MetalPlatform {
             Power::Shutdown => EXIT_SHUTDOWN,
         }
     }
-}
-
-fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, prefix) = s.split_once('/')?;
-    Some((ip.parse().ok()?, prefix.parse().ok()?))
 }
 
 /// Whether this process is the machine's init.

@@ -97,7 +97,7 @@ pub enum MachineCommand {
     #[command(subcommand)]
     Etcd(etcd::EtcdCommand),
     /// Show resources (machinetype, machinestatus, services, members, etcdmembers,
-    /// addresses, hostname, staticpods, meta, machineconfig).
+    /// addresses, links, routes, hostname, staticpods, meta, machineconfig).
     Get {
         /// Resource type.
         resource: String,
