@@ -116,6 +116,30 @@ pub struct RoleResources {
     pub worker: Resources,
 }
 
+impl RoleResources {
+    /// What a node of `role` gets; `None` when the file gives it nothing.
+    pub fn of(&self, role: MachineType) -> Option<Resources> {
+        let r = match role {
+            MachineType::Controlplane => self.controlplane,
+            MachineType::Worker => self.worker,
+        };
+        (r != Resources::default()).then_some(r)
+    }
+
+    /// Drops what the command line sets itself (`--cpus`, `--memory`): flags override the file.
+    pub fn overridden(mut self, cpus: bool, memory: bool) -> Self {
+        for r in [&mut self.controlplane, &mut self.worker] {
+            if cpus {
+                r.cpus = None;
+            }
+            if memory {
+                r.memory = None;
+            }
+        }
+        self
+    }
+}
+
 /// Why a cluster file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterFileError {
@@ -400,6 +424,20 @@ patches:
         assert_eq!(opts.cidr, "10.77.0.0/24");
         assert_eq!(opts.resources.worker.cpus, Some(2));
         assert_eq!(opts.patches.len(), 2, "the patch and the mirrors");
+        // Per node: workers get the group's resources, control planes the defaults.
+        let worker = opts.resources.of(MachineType::Worker).unwrap();
+        assert_eq!((worker.cpus, worker.memory), (Some(2), Some(2048)));
+        assert_eq!(opts.resources.of(MachineType::Controlplane), None);
+        // --cpus on the command line wins over the file; the file's memory stays.
+        let flags = opts.resources.overridden(true, false);
+        let worker = flags.of(MachineType::Worker).unwrap();
+        assert_eq!((worker.cpus, worker.memory), (None, Some(2048)));
+        assert_eq!(
+            opts.resources
+                .overridden(true, true)
+                .of(MachineType::Worker),
+            None
+        );
     }
 
     #[test]

@@ -406,6 +406,7 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
             address: plan.nodes[i],
             inject_config: !(role == MachineType::Worker && opts.maintenance_workers),
             provider: Default::default(),
+            resources: opts.resources.of(role),
         });
     }
     let mut client = generated.client.clone();

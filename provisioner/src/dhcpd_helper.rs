@@ -158,6 +158,7 @@ mod tests {
             config: PathBuf::from("/dev/null"),
             inject_config: true,
             provider: Default::default(),
+            resources: None,
         };
         ClusterState {
             name: "lab".into(),

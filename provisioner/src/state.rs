@@ -67,6 +67,11 @@ pub struct NodeState {
     /// the network namespace and the host side of the veth pair). Only the provisioner reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub provider: BTreeMap<String, serde_yaml::Value>,
+    /// CPUs and memory from the cluster file's group of this node, over the provisioner's
+    /// defaults and under the command line's `--cpus`/`--memory` (qemu and docker size the
+    /// machine with them; a process node shares the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::cluster_file::Resources>,
 }
 
 impl NodeState {

@@ -385,6 +385,10 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             args.extra_boot_kernel_args.join(" "),
         )?;
     }
+    // The cluster file's per-role resources, except what --cpus/--memory set for every node.
+    opts.resources = opts
+        .resources
+        .overridden(args.cpus.is_some(), args.memory.is_some());
     opts.provisioner_options.docker = provision::docker::DockerOptions {
         host: args.docker_host.clone(),
         cpus: args.cpus,

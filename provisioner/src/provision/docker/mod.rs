@@ -213,8 +213,15 @@ impl Provisioner for DockerProvisioner {
                     .collect(),
                 container,
                 network: network.clone(),
-                cpus: self.options.cpus,
-                memory_mib: self.options.memory_mib,
+                cpus: n
+                    .resources
+                    .and_then(|r| r.cpus)
+                    .map(f64::from)
+                    .or(self.options.cpus),
+                memory_mib: n
+                    .resources
+                    .and_then(|r| r.memory)
+                    .or(self.options.memory_mib),
                 image: None,
             };
             n.set_provider_state(NAME, &node);
@@ -690,4 +697,62 @@ async fn host_veth(docker: &Docker, host: &str, container: &str) -> Result<Strin
                 "no host interface with index {iflink} (the veth of {container})"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::cluster_file::Resources;
+    use crate::state::{NetworkMode, NetworkState, NodeState};
+
+    #[test]
+    fn a_node_with_resources_from_the_cluster_file_gets_them_and_others_the_flags() {
+        let dir = StateDir::new(std::path::Path::new("/nonexistent"), "lab");
+        let node = |name: &str, resources| NodeState {
+            name: name.into(),
+            role: kiln_config::MachineType::Worker,
+            address: "10.5.0.3".parse().unwrap(),
+            config: "/dev/null".into(),
+            inject_config: true,
+            provider: Default::default(),
+            resources,
+        };
+        let mut state = ClusterState {
+            name: "lab".into(),
+            provisioner: NAME.into(),
+            network: NetworkState {
+                mode: NetworkMode::Bridge,
+                cidr: "10.5.0.0/24".into(),
+                gateway: "10.5.0.1".parse().unwrap(),
+                bridge: None,
+                mtu: 1500,
+                firewall: vec![],
+                airgapped: false,
+            },
+            nodes: vec![
+                node(
+                    "sized",
+                    Some(Resources {
+                        cpus: Some(3),
+                        memory: Some(1536),
+                    }),
+                ),
+                node("plain", None),
+            ],
+            helpers: vec![],
+            endpoint: "https://10.5.0.1:6443".into(),
+            created: String::new(),
+        };
+        let p = DockerProvisioner::new(DockerOptions {
+            host: Some("unix:///nonexistent.sock".into()),
+            cpus: Some(0.5),
+            memory_mib: None,
+        });
+        p.plan(&dir, &mut state);
+        let sized: DockerNode = state.nodes[0].provider_state(NAME).unwrap();
+        let plain: DockerNode = state.nodes[1].provider_state(NAME).unwrap();
+        assert_eq!((sized.cpus, sized.memory_mib), (Some(3.0), Some(1536)));
+        assert_eq!((plain.cpus, plain.memory_mib), (Some(0.5), None));
+    }
 }

@@ -197,8 +197,13 @@ impl Launcher {
         Ok(NodeLaunch {
             qemu: o.qemu.clone(),
             name: self.node.name.clone(),
-            memory_mib: o.memory_mib,
-            cpus: o.cpus,
+            memory_mib: self
+                .node
+                .resources
+                .and_then(|r| r.memory)
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(o.memory_mib),
+            cpus: self.node.resources.and_then(|r| r.cpus).unwrap_or(o.cpus),
             accel: self.accel,
             boot,
             disk: Some(self.qemu.disk.clone()),

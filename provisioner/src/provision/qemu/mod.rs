@@ -610,6 +610,7 @@ mod tests {
                 config: PathBuf::from("/dev/null"),
                 inject_config: true,
                 provider: Default::default(),
+                resources: None,
             }],
             helpers: vec![],
             endpoint: "https://10.5.0.1:6443".into(),
