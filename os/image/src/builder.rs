@@ -22,7 +22,7 @@ use crate::store::{self, ImageManifest, Output, StoreError};
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
 
 /// Bumped when the builder changes what it writes for the same inputs.
-const FORMAT: &str = "kiln-image/1";
+const FORMAT: &str = "kiln-image/2";
 
 /// Output names inside an image directory.
 pub mod names {
@@ -408,16 +408,26 @@ fn build_into(
         );
     }
     let mod_root = format!("usr/lib/modules/{}", opts.kernel.release);
+    // Unpacked here, once, rather than by the kernel at every boot (about 3.5 s for these
+    // modules under TCG); the initramfs' zstd compresses them instead.
     for m in &module_set.files {
+        let source = opts.kernel.modules.join(m);
+        let data = modules::unpacked(&source).map_err(|source| BuildError::Input {
+            name: format!("module {m}"),
+            path: opts.kernel.modules.join(m),
+            source,
+        })?;
         fs.add(
-            &format!("{mod_root}/{m}"),
-            Entry::File {
-                source: opts.kernel.modules.join(m),
-                mode: 0o644,
-            },
+            &format!("{mod_root}/{}", modules::unpacked_name(m)),
+            Entry::Bytes { data, mode: 0o644 },
         );
     }
-    let mut dep = module_set.dep_lines.join("\n");
+    let mut dep = module_set
+        .dep_lines
+        .iter()
+        .map(|l| modules::unpacked_dep_line(l))
+        .collect::<Vec<_>>()
+        .join("\n");
     dep.push('\n');
     fs.add(
         &format!("{mod_root}/modules.dep"),

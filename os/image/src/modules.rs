@@ -54,6 +54,34 @@ pub struct ModuleSet {
     pub dep_lines: Vec<String>,
 }
 
+/// The file name a module has in the initramfs: `.ko.xz` modules are packed decompressed.
+pub fn unpacked_name(path: &str) -> &str {
+    path.strip_suffix(".xz").unwrap_or(path)
+}
+
+/// A `modules.dep` line with every `.ko.xz` path renamed as [`unpacked_name`] does.
+pub fn unpacked_dep_line(line: &str) -> String {
+    line.split(' ')
+        .map(|word| match word.strip_suffix(':') {
+            Some(m) => format!("{}:", unpacked_name(m)),
+            None => unpacked_name(word).to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The content of a module file, decompressed when it is `.ko.xz`.
+pub fn unpacked(path: &Path) -> std::io::Result<Vec<u8>> {
+    let data = std::fs::read(path)?;
+    if !path.to_string_lossy().ends_with(".ko.xz") {
+        return Ok(data);
+    }
+    let mut out = Vec::with_capacity(data.len() * 4);
+    lzma_rs::xz_decompress(&mut std::io::BufReader::new(&data[..]), &mut out)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("xz: {e}")))?;
+    Ok(out)
+}
+
 /// The name modprobe knows a module file by: `kernel/net/8021q/8021q.ko.xz` → `8021q`, with
 /// `-` and `_` equivalent.
 pub fn module_name(path: &str) -> String {
@@ -136,6 +164,36 @@ pub fn resolve_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xz_modules_are_packed_decompressed_under_their_plain_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"\x7fELF a kernel module".repeat(100);
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut &body[..], &mut xz).unwrap();
+        let packed = dir.path().join("bonding.ko.xz");
+        std::fs::write(&packed, &xz).unwrap();
+        assert_eq!(unpacked(&packed).unwrap(), body);
+        let plain = dir.path().join("plain.ko");
+        std::fs::write(&plain, b"plain").unwrap();
+        assert_eq!(unpacked(&plain).unwrap(), b"plain");
+        std::fs::write(&packed, b"not xz").unwrap();
+        assert!(unpacked(&packed).is_err());
+        assert_eq!(
+            unpacked_name("kernel/net/802/stp.ko.xz"),
+            "kernel/net/802/stp.ko"
+        );
+        assert_eq!(
+            unpacked_dep_line(
+                "kernel/net/bridge/bridge.ko.xz: kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz"
+            ),
+            "kernel/net/bridge/bridge.ko: kernel/net/802/stp.ko kernel/net/llc/llc.ko"
+        );
+        assert_eq!(
+            unpacked_dep_line("kernel/net/llc/llc.ko.xz:"),
+            "kernel/net/llc/llc.ko:"
+        );
+    }
 
     const DEP: &str = "\
 kernel/net/802/stp.ko.xz: kernel/net/llc/llc.ko.xz

@@ -85,20 +85,47 @@ fn the_image_is_well_formed_and_rebuilt_only_when_inputs_change() -> anyhow::Res
         "lib/x86_64-linux-gnu/libc.so.6",
         "lib/x86_64-linux-gnu/libext2fs.so.2",
         &format!("usr/lib/modules/{release}/modules.dep"),
-        &format!("usr/lib/modules/{release}/kernel/drivers/net/virtio_net.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/net/core/failover.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/drivers/block/virtio_blk.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/net/8021q/8021q.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/net/802/mrp.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/drivers/net/bonding/bonding.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/net/tls/tls.ko.xz"),
-        &format!("usr/lib/modules/{release}/kernel/net/bridge/bridge.ko.xz"),
+        &format!("usr/lib/modules/{release}/kernel/drivers/net/virtio_net.ko"),
+        &format!("usr/lib/modules/{release}/kernel/net/core/failover.ko"),
+        &format!("usr/lib/modules/{release}/kernel/drivers/block/virtio_blk.ko"),
+        &format!("usr/lib/modules/{release}/kernel/net/8021q/8021q.ko"),
+        &format!("usr/lib/modules/{release}/kernel/net/802/mrp.ko"),
+        &format!("usr/lib/modules/{release}/kernel/drivers/net/bonding/bonding.ko"),
+        &format!("usr/lib/modules/{release}/kernel/net/tls/tls.ko"),
+        &format!("usr/lib/modules/{release}/kernel/net/bridge/bridge.ko"),
     ] {
         assert!(
             files.contains(&want),
             "{want} missing from the initramfs: {files:?}"
         );
     }
+    // Modules are packed decompressed (the kernel need not unpack them at every boot), and
+    // modules.dep names them so.
+    let extract = |path: &str| {
+        run(Command::new("sh").arg("-c").arg(format!(
+            "zstd -dc '{}' | cpio -i --quiet --to-stdout '{path}' | head -c 4 | od -An -c",
+            built.path(names::INITRAMFS).display()
+        )))
+    };
+    let magic = extract(&format!(
+        "usr/lib/modules/{release}/kernel/net/bridge/bridge.ko"
+    ))?;
+    assert!(
+        magic.contains("E   L   F"),
+        "bridge.ko is not an ELF file: {magic}"
+    );
+    let dep = run(Command::new("sh").arg("-c").arg(format!(
+        "zstd -dc '{}' | cpio -i --quiet --to-stdout 'usr/lib/modules/{release}/modules.dep'",
+        built.path(names::INITRAMFS).display()
+    )))?;
+    assert!(
+        dep.contains("kernel/net/bridge/bridge.ko: ") && !dep.contains(".xz"),
+        "modules.dep: {dep}"
+    );
+    assert!(
+        !files.iter().any(|f| f.ends_with(".ko.xz")),
+        "a compressed module in the initramfs: {files:?}"
+    );
     for shell in [
         "bin/sh",
         "usr/bin/sh",
