@@ -1,23 +1,24 @@
 //! The docker provisioner end to end, against a `dockerd` this test starts on its own socket,
-//! data root and exec root (no default bridge, no iptables of its own, so it neither needs nor
-//! disturbs a user's engine or the engine of `tests/firewall.rs`): a 3+2 cluster ends healthy,
+//! data root, exec root and bridge (no iptables of its own, so it neither needs nor disturbs a
+//! user's engine or the engine of `tests/firewall.rs`): a 3+2 cluster ends healthy,
 //! answers through the load balancer, survives a node powered off and on, and `destroy` leaves
 //! no container, network, volume or image of it; also after a create killed halfway.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kiln_e2e::{Env, free_cidr, link_exists, machined_bin};
 use kiln_os_api::wait::{Poll, until_blocking};
+use kiln_test_tiers::dockerd::{Firewall, TestEngine};
 use kiln_test_tiers::{Tier, skip_unless};
 
-/// A dockerd of the test's own, stopped (and its directories removed) on drop.
+/// A dockerd of the test's own (its own bridge, no iptables chains), stopped on drop.
 struct TestDockerd {
-    child: Child,
-    dir: tempfile::TempDir,
+    engine: TestEngine,
+    _dir: tempfile::TempDir,
 }
 
 impl TestDockerd {
@@ -27,54 +28,17 @@ impl TestDockerd {
             .prefix("kdock")
             .tempdir_in("/tmp")
             .unwrap();
-        let p = dir.path();
-        let child = Command::new("dockerd")
-            .args(["--host", &format!("unix://{}", p.join("d.sock").display())])
-            .args(["--data-root", p.join("data").to_str().unwrap()])
-            .args(["--exec-root", p.join("exec").to_str().unwrap()])
-            .args(["--pidfile", p.join("d.pid").to_str().unwrap()])
-            // No default bridge (it would collide with a user's docker0) and no iptables
-            // chains of its own (they would fight another engine's): the lab adds what its
-            // bridge needs.
-            .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(p.join("dockerd.log")).unwrap())
-            .stderr(std::fs::File::create(p.join("dockerd.err")).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Self { child, dir };
-        until_blocking(
-            "the test's dockerd to answer",
-            Poll::every(Duration::from_millis(200), Duration::from_secs(60)),
-            || {
-                if d.docker(&["version"]).status.success() {
-                    Ok(())
-                } else {
-                    Err(())
-                }
-            },
-        )
-        .unwrap_or_else(|_| {
-            panic!(
-                "dockerd did not start: {}",
-                std::fs::read_to_string(d.dir.path().join("dockerd.err")).unwrap_or_default()
-            )
-        });
-        d
+        let engine = TestEngine::start(dir.path(), Firewall::Untouched, &[]).unwrap();
+        Self { engine, _dir: dir }
     }
 
     fn host(&self) -> String {
-        format!("unix://{}", self.dir.path().join("d.sock").display())
+        self.engine.host()
     }
 
     /// Runs the Docker CLI (an implementation independent of the provisioner's bollard).
     fn docker(&self, args: &[&str]) -> std::process::Output {
-        Command::new("/usr/bin/docker")
-            .arg("-H")
-            .arg(self.host())
-            .args(args)
-            .output()
-            .unwrap()
+        self.engine.docker(args).unwrap()
     }
 
     fn lines(&self, args: &[&str]) -> Vec<String> {
@@ -115,16 +79,6 @@ impl TestDockerd {
                 .map(|i| format!("image {i}")),
         );
         all
-    }
-}
-
-impl Drop for TestDockerd {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
     }
 }
 

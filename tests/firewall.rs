@@ -2,19 +2,21 @@
 //! settings on a host whose `net.ipv4.ip_forward` is 0 (as after a fresh boot: Docker then turns
 //! forwarding on, sets the `FORWARD` policy to `DROP` and `bridge-nf-call-iptables` to 1), a
 //! 3+2 cluster on its bridge becomes healthy, and after `destroy` the host's firewall rules are
-//! exactly as before `create`.
+//! exactly as before `create`. When the host already runs an engine with its chains in place
+//! (a developer's, or the CI machine's), the test lives beside that one instead of starting a
+//! second engine that would rewrite its chains.
 //!
 //! Runs in its own test binary: it changes host-wide settings (and restores them), so no other
 //! cluster test may run beside it.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kiln_e2e::{Env, assert_no_leaks, free_cidr, owned};
 use kiln_os_api::wait::{Poll, until_blocking};
+use kiln_test_tiers::dockerd::{Firewall, TestEngine, host_engine_running};
 use kiln_test_tiers::{Tier, skip_unless};
 
 /// The host's iptables rules (filter and nat), without counters and comments.
@@ -43,32 +45,31 @@ fn sysctl(path: &str) -> Option<String> {
 
 /// Puts back what the test changed on the host, also when it fails.
 struct Restore {
-    rules: String,
+    /// The rules to put back: only when this test started an engine that rewrote them (a
+    /// host engine's rules are its own, and may change meanwhile).
+    rules: Option<String>,
     forward: Option<String>,
     bridge_nf: Option<String>,
-    dockerd: Option<Child>,
+    dockerd: Option<TestEngine>,
 }
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        if let Some(mut d) = self.dockerd.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(d.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = d.wait();
+        // The engine stops (and its bridge goes) before the rules are put back.
+        drop(self.dockerd.take());
+        if let Some(rules) = &self.rules {
+            let mut restore = Command::new("iptables-restore")
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            let _ = restore
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{rules}\n").as_bytes());
+            let _ = restore.wait();
         }
-        let mut restore = Command::new("iptables-restore")
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        let _ = restore
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{}\n", self.rules).as_bytes());
-        let _ = restore.wait();
         if let Some(v) = &self.forward {
             let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", v);
         }
@@ -78,40 +79,23 @@ impl Drop for Restore {
     }
 }
 
-fn start_dockerd(dir: &Path) -> Child {
-    let sock = dir.join("docker.sock");
-    let child = Command::new("dockerd")
-        .args(["--data-root", dir.join("data").to_str().unwrap()])
-        .args(["--exec-root", dir.join("exec").to_str().unwrap()])
-        .args(["--pidfile", dir.join("docker.pid").to_str().unwrap()])
-        .args(["-H", &format!("unix://{}", sock.display())])
-        // Its own default bridge would collide with a developer's Docker; the firewall
-        // behaviour (FORWARD policy DROP, DOCKER-USER, bridge-nf-call-iptables) is the same.
-        .args(["--bridge=none", "--storage-driver=vfs"])
-        .stdout(std::fs::File::create(dir.join("dockerd.log")).unwrap())
-        .stderr(std::fs::File::create(dir.join("dockerd.err")).unwrap())
-        .spawn()
-        .unwrap();
+/// Waits until two snapshots of the rules a second apart agree: an engine that has just
+/// answered may still be adding chains, and a snapshot taken meanwhile would differ from the
+/// rules after destroy for a reason that is not the lab's.
+fn settled_rules() -> String {
+    let mut last = rules();
     until_blocking(
-        "dockerd to set up its firewall",
-        Poll::every(Duration::from_millis(100), Duration::from_secs(60)),
+        "the host's firewall rules to settle",
+        Poll::every(Duration::from_secs(1), Duration::from_secs(30)),
         || {
-            // The jump from FORWARD comes last: a snapshot taken before it would differ
-            // from the rules after destroy for a reason that is not the lab's.
-            if rules().contains("-A FORWARD -j DOCKER-USER") && sock.exists() {
-                Ok(())
-            } else {
-                Err(())
-            }
+            let now = rules();
+            let same = now == last && now.contains("-A FORWARD -j DOCKER-USER");
+            last = now;
+            if same { Ok(()) } else { Err(()) }
         },
     )
-    .unwrap_or_else(|_| {
-        panic!(
-            "dockerd did not start: {}",
-            std::fs::read_to_string(dir.join("dockerd.err")).unwrap_or_default()
-        )
-    });
-    child
+    .unwrap_or_else(|_| panic!("the rules did not settle with Docker's chains in place:\n{last}"));
+    last
 }
 
 #[test]
@@ -119,18 +103,32 @@ fn a_cluster_works_beside_dockers_firewall_and_leaves_it_as_it_was() {
     skip_unless!(Tier::Root, Tier::Docker, Tier::Firewall, Tier::Etcd);
     let work = tempfile::tempdir().unwrap();
     let mut restore = Restore {
-        rules: rules(),
+        rules: None,
         forward: sysctl("/proc/sys/net/ipv4/ip_forward"),
         bridge_nf: sysctl("/proc/sys/net/bridge/bridge-nf-call-iptables"),
         dockerd: None,
     };
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").unwrap();
-    // Docker's bridge driver turns this on when it makes its default bridge, which this
-    // engine does not (--bridge=none, so it cannot collide with a developer's docker0): set it
-    // as Docker would.
+    // Docker's bridge driver turns this on when it makes a bridge: set it as Docker would, also
+    // when the host's engine already runs (then it is on already).
     std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1").unwrap();
-    restore.dockerd = Some(start_dockerd(work.path()));
-    let before = rules();
+    if host_engine_running() && rules().contains("-A FORWARD -j DOCKER-USER") {
+        // A second engine with its own chains would rewrite the running one's (and break its
+        // containers' port mappings): the firewall to live beside is already there.
+        println!("the host's Docker engine runs: testing beside its firewall");
+    } else {
+        // As after a fresh boot: Docker turns forwarding on and sets the FORWARD policy to DROP.
+        restore.rules = Some(rules());
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").unwrap();
+        restore.dockerd = Some(
+            TestEngine::start(
+                &work.path().join("d"),
+                Firewall::DockerDefaults,
+                &["--storage-driver=vfs"],
+            )
+            .unwrap(),
+        );
+    }
+    let before = settled_rules();
     assert!(
         before.contains(":FORWARD DROP"),
         "Docker should have set the FORWARD policy to DROP:\n{before}"

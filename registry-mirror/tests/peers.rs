@@ -459,6 +459,10 @@ async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Resul
         &daemon_json,
         serde_json::json!({ "registry-mirrors": [reg.url] }).to_string(),
     )?;
+    // Its own default bridge: with `--bridge=none` dockerd would delete the host's docker0.
+    // Declared before the engine, so it is deleted after the engine stopped.
+    let engine_bridge =
+        kiln_test_tiers::dockerd::EngineBridge::create().map_err(anyhow::Error::msg)?;
     let mut dockerd = Daemon::spawn(
         "dockerd",
         Command::new("dockerd").args([
@@ -474,7 +478,7 @@ async fn docker_pulls_through_the_mirror_from_docker_registry() -> anyhow::Resul
             &format!("unix://{sock}"),
             "--iptables=false",
             "--ip6tables=false",
-            "--bridge=none",
+            &engine_bridge.flag(),
             "--storage-driver=vfs",
         ]),
         &base.join("dockerd.log"),

@@ -63,12 +63,12 @@ fn set_kiln_bin(bin: &std::path::Path) {
 }
 
 /// The dockerd of the `docker::` trials: started by the first of them on the socket that
-/// `DOCKER_HOST` names (set at the start of main), with its own data and exec roots, no default
+/// `DOCKER_HOST` names (set at the start of main), with its own data and exec roots, its own
 /// bridge and no iptables chains (so it neither needs nor disturbs another engine); stopped
 /// when the harness ends.
 struct ScenarioDockerd {
     dir: PathBuf,
-    child: std::sync::Mutex<Option<std::process::Child>>,
+    engine: std::sync::Mutex<Option<kiln_test_tiers::dockerd::TestEngine>>,
 }
 
 impl ScenarioDockerd {
@@ -77,57 +77,22 @@ impl ScenarioDockerd {
     }
 
     fn ensure(&self) -> Result<(), Failed> {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        if child.is_some() {
-            return Ok(());
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if engine.is_none() {
+            *engine = Some(
+                kiln_test_tiers::dockerd::TestEngine::start(
+                    &self.dir,
+                    kiln_test_tiers::dockerd::Firewall::Untouched,
+                    &[],
+                )
+                .map_err(Failed::from)?,
+            );
         }
-        std::fs::create_dir_all(&self.dir).map_err(|e| Failed::from(e.to_string()))?;
-        let log = |name: &str| std::fs::File::create(self.dir.join(name));
-        let started = std::process::Command::new("dockerd")
-            .arg("--host")
-            .arg(format!("unix://{}", self.socket().display()))
-            .arg("--data-root")
-            .arg(self.dir.join("data"))
-            .arg("--exec-root")
-            .arg(self.dir.join("exec"))
-            .arg("--pidfile")
-            .arg(self.dir.join("d.pid"))
-            .args(["--bridge=none", "--iptables=false", "--ip6tables=false"])
-            .stdin(std::process::Stdio::null())
-            .stdout(log("dockerd.log").map_err(|e| Failed::from(e.to_string()))?)
-            .stderr(log("dockerd.err").map_err(|e| Failed::from(e.to_string()))?)
-            .spawn()
-            .map_err(|e| Failed::from(format!("starting dockerd: {e}")))?;
-        *child = Some(started);
-        let host = format!("unix://{}", self.socket().display());
-        kiln_os_api::wait::until_blocking(
-            "the scenarios' dockerd to answer",
-            kiln_os_api::wait::Poll::every(Duration::from_millis(200), Duration::from_secs(60)),
-            || {
-                let ok = std::process::Command::new("/usr/bin/docker")
-                    .args(["-H", &host, "version"])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if ok { Ok(()) } else { Err(()) }
-            },
-        )
-        .map_err(|_| {
-            Failed::from(format!(
-                "dockerd did not start: {}",
-                std::fs::read_to_string(self.dir.join("dockerd.err")).unwrap_or_default()
-            ))
-        })
+        Ok(())
     }
 
     fn stop(&self) {
-        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(mut c) = child {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+        drop(self.engine.lock().unwrap_or_else(|e| e.into_inner()).take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -456,7 +421,7 @@ fn main() {
     let dockerd = DOCKERD.get_or_init(|| ScenarioDockerd {
         // Short: the engine's and containerd's sockets live under it.
         dir: std::env::temp_dir().join(format!("kscen-{}", std::process::id())),
-        child: std::sync::Mutex::new(None),
+        engine: std::sync::Mutex::new(None),
     });
     #[allow(unsafe_code)]
     // SAFETY: at the start of main, before the harness starts any thread.

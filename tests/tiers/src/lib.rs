@@ -19,6 +19,8 @@
 //! Probes check that a tool is installed and answers, not that every feature of it works; a
 //! test that finds a deeper problem fails on its own.
 
+pub mod dockerd;
+
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
