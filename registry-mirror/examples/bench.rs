@@ -2,7 +2,8 @@
 //! `docker-registry` side by side, one large blob and many small blobs with 16 concurrent
 //! clients, then the cold and warm pull time of an image through the mirror (upstream:
 //! `docker-registry`, or this registry when `docker-registry` is not installed), with the
-//! phases of each cold blob fetch.
+//! phases of each cold blob fetch, beside the peer: `docker-registry` as a pull-through cache
+//! (`proxy.remoteurl`) of the same upstream, new each round.
 //!
 //! The small-blob rate is measured twice: by this program's own client (reqwest, 16 tasks,
 //! keep-alive) and by an independent load generator, Debian's `wrk` (16 keep-alive
@@ -31,6 +32,19 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// CPU time (user + system) of a process so far, from `/proc/<pid>/stat` (10 ms ticks).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 fn data(seed: u64, len: usize) -> Bytes {
@@ -93,7 +107,9 @@ impl Drop for DockerRegistry {
     }
 }
 
-async fn start_docker_registry() -> anyhow::Result<Option<DockerRegistry>> {
+/// Debian's `docker-registry`; with `proxy_of`, as a pull-through cache of that registry (its
+/// `proxy.remoteurl`), the peer of the mirror.
+async fn start_docker_registry(proxy_of: Option<&str>) -> anyhow::Result<Option<DockerRegistry>> {
     let found = Command::new("sh")
         .args(["-c", "command -v docker-registry"])
         .stdout(Stdio::null())
@@ -110,8 +126,9 @@ async fn start_docker_registry() -> anyhow::Result<Option<DockerRegistry>> {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+            dir.path().join("data").display(),
+            proxy_of.map_or(String::new(), |u| format!("proxy:\n  remoteurl: {u}\n"))
         ),
     )?;
     // Debian's default configuration plus no access log (this registry logs none either).
@@ -416,7 +433,7 @@ async fn main() -> anyhow::Result<()> {
         "kiln-registry-mirror", t.large_mbps, t.small_rps, t.small_mbps
     );
     let mut small_rates = vec![("kiln-registry-mirror", ours.url.clone(), t)];
-    let docker = start_docker_registry().await?;
+    let docker = start_docker_registry(None).await?;
     match &docker {
         Some(d) => {
             let t = measure(&http, &d.url, &large, &small).await?;
@@ -463,6 +480,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut ratios = Vec::new();
+    let mut peer_ratios = Vec::new();
     for round in 1..=rounds {
         let mirror = Mirror::new(
             vec![UpstreamConfig::parse(&format!("docker.io={upstream_url}"))?],
@@ -470,8 +488,17 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs(3600),
         )?;
         let mirror = start_ours(Some(mirror)).await?;
+        let upstream_pid = docker.as_ref().map(|d| d.child.id());
+        let cpu = || {
+            (
+                cpu_time(std::process::id()),
+                upstream_pid.map_or(Duration::ZERO, cpu_time),
+            )
+        };
         let (direct, n, direct_first) = pull_image(&http, &upstream_url).await?;
+        let before = cpu();
         let (cold, _, cold_first) = pull_image(&http, &mirror.url).await?;
+        let after = cpu();
         let m = mirror.registry.mirror.as_ref().context("mirror")?;
         // Storing (fsync, rename) goes on after the clients' bodies ended: let it finish, so
         // that the warm pull is served from the store and the profile is complete.
@@ -493,14 +520,40 @@ async fn main() -> anyhow::Result<()> {
         let (warm, _, _) = pull_image(&http, &mirror.url).await?;
         let ratio = cold.as_secs_f64() / direct.as_secs_f64();
         ratios.push(ratio);
+        // The peer: docker-registry as a pull-through cache of the same upstream, new and
+        // empty each round, the same client.
+        let peer = match docker {
+            Some(_) => match start_docker_registry(Some(&upstream_url)).await? {
+                Some(p) => {
+                    let (pcold, _, _) = pull_image(&http, &p.url).await?;
+                    let (pwarm, _, _) = pull_image(&http, &p.url).await?;
+                    let r = pcold.as_secs_f64() / direct.as_secs_f64();
+                    peer_ratios.push(r);
+                    format!(
+                        "   docker-registry proxy: cold {:>6.3} s ({r:.2} x direct), warm {:>6.3} s",
+                        pcold.as_secs_f64(),
+                        pwarm.as_secs_f64()
+                    )
+                }
+                None => String::new(),
+            },
+            None => String::new(),
+        };
         println!(
-            "  round {round}: direct {:>6.3} s (first blob byte {:>5.1} ms; {:.1} MiB)   cold {:>6.3} s (first blob byte {:>5.1} ms; {ratio:.2} x direct)   warm {:>6.3} s",
+            "  round {round}: direct {:>6.3} s (first blob byte {:>5.1} ms; {:.1} MiB)   cold {:>6.3} s (first blob byte {:>5.1} ms; {ratio:.2} x direct)   warm {:>6.3} s{peer}",
             direct.as_secs_f64(),
             ms(direct_first),
             n as f64 / (1 << 20) as f64,
             cold.as_secs_f64(),
             ms(cold_first),
             warm.as_secs_f64(),
+        );
+        println!(
+            "    cold pull CPU time: this process (mirror and client) {:.0} ms, upstream {:.0} ms, in {:.0} ms of wall time on {} cores",
+            ms(after.0.saturating_sub(before.0)),
+            ms(after.1.saturating_sub(before.1)),
+            ms(cold),
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         );
         println!(
             "    cold fetch phases per blob, ms from the request to the upstream (upstream headers; first byte to clients; last byte verified, bodies end; all on disk; then fsync; rename + link):"
@@ -513,26 +566,35 @@ async fn main() -> anyhow::Result<()> {
             .iter()
         {
             println!(
-                "    {:>9.1} MiB  headers {:>6.1}  first byte {:>6.1}  verified {:>6.1}  on disk {:>6.1}  fsync {:>6.1}  commit {:>5.1}",
+                "    {:>9.1} MiB  headers {:>6.1}  first byte {:>6.1}  verified {:>6.1}  on disk {:>6.1}  fsync {:>6.1}  commit {:>5.1}  ({} chunks of {:.1} KiB)",
                 t.bytes as f64 / (1 << 20) as f64,
                 ms(t.headers),
                 ms(t.first_byte),
                 ms(t.verified),
                 ms(t.on_disk),
                 ms(t.sync),
-                ms(t.commit)
+                ms(t.commit),
+                t.chunks,
+                t.bytes as f64 / 1024.0 / t.chunks.max(1) as f64
             );
         }
     }
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "  cold / direct: median {:.2} x (rounds: {})",
-        ratios[ratios.len() / 2],
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let median = |name: &str, mut ratios: Vec<f64>| {
+        if ratios.is_empty() {
+            return;
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {name} cold / direct: median {:.2} x (rounds: {})",
+            ratios[ratios.len() / 2],
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    median("kiln mirror", ratios);
+    median("docker-registry proxy", peer_ratios);
     Ok(())
 }

@@ -218,6 +218,9 @@ pub struct FetchTiming {
     pub sync: Duration,
     /// Renaming it into the store and linking it.
     pub commit: Duration,
+    /// How many chunks the upstream's body came in (each is one publication to the clients,
+    /// one hand-over to the disk writer and one hash update).
+    pub chunks: u64,
 }
 
 #[derive(Debug, Default)]
@@ -779,6 +782,7 @@ async fn run_fetch(
     let mut first_byte = None;
     let mut stream = resp.bytes_stream();
     let mut broke = None;
+    let mut chunks = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
@@ -793,6 +797,7 @@ async fn run_fetch(
             continue;
         }
         received += chunk.len() as u64;
+        chunks += 1;
         // Clients first, then the disk writer (another thread), then the hash: nothing on the
         // way to the clients waits for the disk or the digest.
         fetch.update(|s| {
@@ -860,6 +865,7 @@ async fn run_fetch(
         on_disk,
         sync,
         commit: committing.elapsed(),
+        chunks,
     })
 }
 
