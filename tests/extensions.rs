@@ -101,6 +101,32 @@ while true; do sleep 1; done
     );
     write(&root.join("config.ini"), "color=blue\n", 0o644);
 
+    // Waits for its ExtensionServiceConfig, then reads the file and environment it gives.
+    write(
+        &defs.join("configured.yaml"),
+        &format!(
+            "name: configured
+container:
+  entrypoint: ./run
+  environment:
+    - GREETING=default
+    - KEEP=kept
+{USR_MOUNT}depends:
+  - configuration: true
+restart: always
+"
+        ),
+        0o644,
+    );
+    write(
+        &rootfs(&image, "configured").join("run"),
+        "#!/bin/sh
+echo \"configured: $GREETING $KEEP $(cat /etc/app/app.conf)\"
+while true; do sleep 1; done
+",
+        0o755,
+    );
+
     // untilSuccess: fails twice, then succeeds; the runs are counted on a host directory.
     write(
         &defs.join("retry.yaml"),
@@ -321,6 +347,65 @@ fn extension_services_run_as_ext_services_in_their_own_namespaces() {
         "{services}"
     );
     assert!(!services.contains("ext-broken"), "{services}");
+
+    // `depends: configuration`: waits until the node's configuration has an
+    // ExtensionServiceConfig of its name; applied live, it starts with the file mounted and the
+    // environment added (the configuration's value wins over the definition's).
+    let out = wait_for(
+        &env,
+        &["service", "ext-configured"],
+        "ext-configured waiting",
+        |o| state_of(o) == "Waiting",
+    );
+    assert!(
+        out.contains("Waiting for ExtensionServiceConfig \"configured\""),
+        "{out}"
+    );
+    let node_config = env
+        .state_dir(name)
+        .join(format!("{name}-controlplane-1.yaml"));
+    let with_ext = work.path().join("with-ext.yaml");
+    std::fs::write(
+        &with_ext,
+        format!(
+            "{}---
+apiVersion: v1alpha1
+kind: ExtensionServiceConfig
+name: configured
+configFiles:
+  - content: color=green
+    mountPath: /etc/app/app.conf
+environment:
+  - GREETING=configured
+",
+            std::fs::read_to_string(&node_config).unwrap()
+        ),
+    )
+    .unwrap();
+    let applied = env.ok(&[
+        "apply-config",
+        "-f",
+        &with_ext.display().to_string(),
+        "--mode",
+        "no-reboot",
+    ]);
+    assert!(applied.contains("without reboot"), "{applied}");
+    wait_for(
+        &env,
+        &["service", "ext-configured"],
+        "ext-configured running",
+        |o| state_of(o) == "Running",
+    );
+    let logs = wait_for(
+        &env,
+        &["logs", "ext-configured"],
+        "ext-configured's output",
+        |o| o.contains("configured:"),
+    );
+    assert!(
+        logs.contains("configured: configured kept color=green"),
+        "{logs}"
+    );
 }
 
 // ---- a small RFC 8628 authorization server ----

@@ -359,6 +359,7 @@ impl ClusterFile {
             opts.patches.push(Patch {
                 source: "cluster file mirrors".into(),
                 kind: kiln_config::patch::PatchKind::StrategicMerge(doc),
+                extension_service_configs: Vec::new(),
             });
         }
         opts.control_plane_patches

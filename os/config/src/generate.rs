@@ -145,6 +145,7 @@ fn base(input: &GenerateInput<'_>, machine_type: MachineType) -> MachineConfig {
             }),
             extra_manifests: Vec::new(),
         },
+        extension_service_configs: Vec::new(),
     }
 }
 

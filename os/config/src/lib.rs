@@ -15,8 +15,9 @@
 //!
 //! # Limitations
 //!
-//! - One document per file; the multi-document format of later releases of the guides' OS is
-//!   not read.
+//! - Of the multi-document format of later releases of the guides' OS, only
+//!   `ExtensionServiceConfig` documents are read (beside the one v1alpha1 document); any other
+//!   `kind` is refused with its line.
 //! - Fields outside the list in `docs/machine-config.md` are rejected, even where the guides'
 //!   OS would accept them.
 
@@ -32,5 +33,5 @@ pub use client::{ClientConfig, ClientConfigError, Context};
 pub use generate::{GenerateError, GenerateInput, GeneratedConfigs, generate};
 pub use parse::{ParseError, from_yaml, to_yaml};
 pub use patch::{Patch, PatchError};
-pub use types::{MachineConfig, MachineType};
+pub use types::{ExtensionConfigFile, ExtensionServiceConfig, MachineConfig, MachineType};
 pub use validate::{Mode, Problem, Report, ValidationError, validate};

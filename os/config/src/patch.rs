@@ -8,10 +8,11 @@
 
 use std::path::PathBuf;
 
+use serde::Deserialize as _;
 use serde_yaml::{Mapping, Value};
 
 use crate::parse::{self, ParseError};
-use crate::types::MachineConfig;
+use crate::types::{EXTENSION_SERVICE_CONFIG, ExtensionServiceConfig, MachineConfig};
 
 /// One patch and where it came from (for messages).
 #[derive(Debug, Clone)]
@@ -20,6 +21,9 @@ pub struct Patch {
     pub source: String,
     /// What it does.
     pub kind: PatchKind,
+    /// `ExtensionServiceConfig` documents in the patch (`---` separated from the rest): each
+    /// replaces the configuration's document of the same name, or is added.
+    pub extension_service_configs: Vec<ExtensionServiceConfig>,
 }
 
 /// The two kinds of patches.
@@ -49,6 +53,15 @@ pub enum PatchError {
         source_name: String,
         /// The parser's message.
         error: serde_yaml::Error,
+    },
+    /// Two documents that are not `ExtensionServiceConfig`.
+    #[error(
+        "patch {source_name}: holds two patches of the machine configuration; give one per file \
+         (other documents must be `kind: ExtensionServiceConfig`)"
+    )]
+    TwoMachinePatches {
+        /// Where it came from.
+        source_name: String,
     },
     /// Neither a map nor a list.
     #[error(
@@ -115,12 +128,34 @@ impl Patch {
         }
     }
 
-    /// Parses patch text; `source_name` names it in errors.
+    /// Parses patch text; `source_name` names it in errors. The text is one patch of the
+    /// machine configuration (a map or RFC 6902 operations) and any number of
+    /// `ExtensionServiceConfig` documents, separated by `---`.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, PatchError> {
-        let value: Value = serde_yaml::from_str(text).map_err(|error| PatchError::Yaml {
+        let yaml_error = |error| PatchError::Yaml {
             source_name: source_name.to_owned(),
             error,
-        })?;
+        };
+        let mut machine: Option<Value> = None;
+        let mut extension_service_configs: Vec<ExtensionServiceConfig> = Vec::new();
+        // Stop at the first document that does not parse: the iterator does not end after a
+        // syntax error.
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = Value::deserialize(doc).map_err(yaml_error)?;
+            if value.get("kind").and_then(Value::as_str) == Some(EXTENSION_SERVICE_CONFIG) {
+                let c: ExtensionServiceConfig =
+                    serde_yaml::from_value(value).map_err(yaml_error)?;
+                extension_service_configs.retain(|e| e.name != c.name);
+                extension_service_configs.push(c);
+            } else if machine.is_some() {
+                return Err(PatchError::TwoMachinePatches {
+                    source_name: source_name.to_owned(),
+                });
+            } else {
+                machine = Some(value);
+            }
+        }
+        let value = machine.unwrap_or(Value::Null);
         let kind = match value {
             Value::Mapping(m) => PatchKind::StrategicMerge(m),
             Value::Null => PatchKind::StrategicMerge(Mapping::new()),
@@ -148,6 +183,7 @@ impl Patch {
         Ok(Self {
             source: source_name.to_owned(),
             kind,
+            extension_service_configs,
         })
     }
 
@@ -296,13 +332,25 @@ pub fn apply_to_text(text: &str, patches: &[Patch]) -> Result<MachineConfig, Pat
     parse::from_yaml(&rendered).map_err(PatchError::Result)
 }
 
-/// Applies `patches` in order to a configuration.
+/// Applies `patches` in order to a configuration: each patch's machine part to the v1alpha1
+/// document, then its `ExtensionServiceConfig` documents (replacing those of the same name).
 pub fn apply(config: &MachineConfig, patches: &[Patch]) -> Result<MachineConfig, PatchError> {
     if patches.is_empty() {
         return Ok(config.clone());
     }
-    let text = parse::to_yaml(config).map_err(|e| PatchError::Result(ParseError::from(e)))?;
-    apply_to_text(&text, patches)
+    // The v1alpha1 document alone (`extension_service_configs` is not one of its fields).
+    let text =
+        serde_yaml::to_string(config).map_err(|e| PatchError::Result(ParseError::from(e)))?;
+    let mut patched = apply_to_text(&text, patches)?;
+    let mut configs = config.extension_service_configs.clone();
+    for c in patches.iter().flat_map(|p| &p.extension_service_configs) {
+        match configs.iter_mut().find(|e| e.name == c.name) {
+            Some(e) => *e = c.clone(),
+            None => configs.push(c.clone()),
+        }
+    }
+    patched.extension_service_configs = configs;
+    Ok(patched)
 }
 
 #[cfg(test)]

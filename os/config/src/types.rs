@@ -32,7 +32,55 @@ pub struct MachineConfig {
     pub machine: Machine,
     /// The settings shared by the cluster.
     pub cluster: Cluster,
+    /// The `ExtensionServiceConfig` documents that followed this one in its file (`---`
+    /// separated): configuration files and environment for extension services. Not a field of
+    /// the v1alpha1 document; [`crate::from_yaml`] fills it and [`crate::to_yaml`] writes it
+    /// back as documents of their own.
+    #[serde(skip)]
+    pub extension_service_configs: Vec<ExtensionServiceConfig>,
 }
+
+/// Configuration files and environment for one extension service, a document of its own:
+///
+/// ```yaml
+/// apiVersion: v1alpha1
+/// kind: ExtensionServiceConfig
+/// name: hello-world
+/// configFiles:
+///   - content: greeting=hi
+///     mountPath: /etc/hello/hello.conf
+/// environment:
+///   - GREETING=hi
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionServiceConfig {
+    /// Always `v1alpha1`.
+    pub api_version: String,
+    /// Always `ExtensionServiceConfig`.
+    pub kind: String,
+    /// The extension service's name (its definition's `name`, without `ext-`).
+    pub name: String,
+    /// Files mounted read-only into the service's root filesystem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_files: Vec<ExtensionConfigFile>,
+    /// `NAME=value` entries added to the service's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environment: Vec<String>,
+}
+
+/// One file of an [`ExtensionServiceConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionConfigFile {
+    /// The file's content.
+    pub content: String,
+    /// Where it appears in the service's root filesystem (absolute).
+    pub mount_path: String,
+}
+
+/// The `kind` of an [`ExtensionServiceConfig`] document.
+pub const EXTENSION_SERVICE_CONFIG: &str = "ExtensionServiceConfig";
 
 /// `controlplane` runs etcd; `worker` does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -168,7 +168,61 @@ pub fn validate(config: &MachineConfig, mode: Mode) -> Report {
     }
     check_machine(config, mode, is_cp, &mut r);
     check_cluster(config, is_cp, &mut r);
+    check_extension_service_configs(config, &mut r);
     r
+}
+
+/// `ExtensionServiceConfig` documents, named by `ExtensionServiceConfig[<name>]` in problems.
+fn check_extension_service_configs(config: &MachineConfig, r: &mut Report) {
+    for c in &config.extension_service_configs {
+        let at = format!("ExtensionServiceConfig[{}]", c.name);
+        if c.api_version != "v1alpha1" {
+            r.error(
+                format!("{at}.apiVersion"),
+                format!("{:?} is not supported", c.api_version),
+                "set apiVersion: v1alpha1",
+            );
+        }
+        if c.name.is_empty() || c.name.contains('/') || c.name.starts_with('.') {
+            r.error(
+                format!("{at}.name"),
+                format!("{:?} is not an extension service's name", c.name),
+                "use the `name` of the service's definition (without `ext-`)",
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, f) in c.config_files.iter().enumerate() {
+            let path = std::path::Path::new(&f.mount_path);
+            let plain = path.components().all(|p| {
+                matches!(
+                    p,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+            if !path.is_absolute() || !plain || path.parent().is_none() {
+                r.error(
+                    format!("{at}.configFiles[{i}].mountPath"),
+                    format!("{:?} is not an absolute path to a file", f.mount_path),
+                    "give the file's absolute path inside the service's root filesystem, e.g. /etc/app/app.conf",
+                );
+            } else if !seen.insert(path) {
+                r.error(
+                    format!("{at}.configFiles[{i}].mountPath"),
+                    format!("{:?} is given twice", f.mount_path),
+                    "give each file once",
+                );
+            }
+        }
+        for (i, e) in c.environment.iter().enumerate() {
+            if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                r.error(
+                    format!("{at}.environment[{i}]"),
+                    format!("{e:?} is not NAME=value"),
+                    "write each entry as NAME=value",
+                );
+            }
+        }
+    }
 }
 
 fn check_machine(config: &MachineConfig, mode: Mode, is_cp: bool, r: &mut Report) {

@@ -261,3 +261,52 @@ fn a_device_selector_picks_a_link_instead_of_a_name() {
         &["is empty", "deviceSelector"],
     );
 }
+
+#[test]
+fn extension_service_configs_are_checked() {
+    let mut cfg = common::worker();
+    let text = "apiVersion: v1alpha1\nkind: ExtensionServiceConfig\nname: app\nconfigFiles:\n  - {content: a, mountPath: etc/app.conf}\n  - {content: b, mountPath: /etc/../app.conf}\n  - {content: c, mountPath: /etc/app.conf}\n  - {content: d, mountPath: /etc/app.conf}\nenvironment: [NOEQUALS, A=1]\n";
+    let with = kiln_config::from_yaml(&format!(
+        "{}---\n{text}",
+        kiln_config::to_yaml(&cfg).unwrap()
+    ))
+    .unwrap();
+    cfg.extension_service_configs = with.extension_service_configs;
+    let errors: Vec<String> = validate(&cfg, Mode::Metal)
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let at = |p: &str| errors.iter().filter(|e| e.starts_with(p)).count();
+    assert_eq!(
+        at("ExtensionServiceConfig[app].configFiles[0].mountPath"),
+        1,
+        "{errors:#?}"
+    );
+    assert_eq!(
+        at("ExtensionServiceConfig[app].configFiles[1].mountPath"),
+        1,
+        "{errors:#?}"
+    );
+    assert_eq!(
+        at("ExtensionServiceConfig[app].configFiles[2]"),
+        0,
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e
+            .starts_with("ExtensionServiceConfig[app].configFiles[3].mountPath")
+            && e.contains("twice")),
+        "{errors:#?}"
+    );
+    assert_eq!(
+        at("ExtensionServiceConfig[app].environment[0]"),
+        1,
+        "{errors:#?}"
+    );
+    assert_eq!(
+        at("ExtensionServiceConfig[app].environment[1]"),
+        0,
+        "{errors:#?}"
+    );
+}

@@ -95,3 +95,57 @@ fn unreadable_or_malformed_patches() {
     let err = Patch::load("- {path: /machine}").unwrap_err().to_string();
     assert!(err.contains("operation #1"), "{err}");
 }
+
+#[test]
+fn extension_service_configs_come_with_patches_and_replace_by_name() {
+    let ext = |name: &str, greeting: &str| {
+        format!(
+            "apiVersion: v1alpha1\nkind: ExtensionServiceConfig\nname: {name}\nconfigFiles:\n  - content: {greeting}\n    mountPath: /etc/{name}.conf\n"
+        )
+    };
+    // A patch of the machine configuration with two documents after it.
+    let first = Patch::parse(
+        &format!(
+            "machine:\n  network:\n    hostname: ext-node\n---\n{}---\n{}",
+            ext("hello", "hi"),
+            ext("other", "x")
+        ),
+        "first",
+    )
+    .unwrap();
+    // A patch of only a document: replaces `hello`.
+    let second = Patch::parse(&ext("hello", "bye"), "second").unwrap();
+    let cfg = kiln_config::patch::apply(&common::worker(), &[first, second]).unwrap();
+    assert_eq!(
+        cfg.machine.network.as_ref().unwrap().hostname.as_deref(),
+        Some("ext-node")
+    );
+    let names: Vec<&str> = cfg
+        .extension_service_configs
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["hello", "other"]);
+    assert_eq!(
+        cfg.extension_service_configs[0].config_files[0].content,
+        "bye"
+    );
+    // The rendered file carries them and reads back the same.
+    let text = kiln_config::to_yaml(&cfg).unwrap();
+    assert_eq!(kiln_config::from_yaml(&text).unwrap(), cfg);
+
+    let err = Patch::parse("machine: {}\n---\ncluster: {}\n", "two")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("two patches of the machine configuration"),
+        "{err}"
+    );
+    let err = Patch::parse(
+        "apiVersion: v1alpha1\nkind: ExtensionServiceConfig\nname: a\nfiles: []\n",
+        "typo",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown field `files`"), "{err}");
+}

@@ -9,7 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::container::ContainerSetup;
-use super::spec::{Dependency, ExtensionServiceSpec, NetworkCheck};
+use kiln_config::ExtensionServiceConfig;
+use oci_spec::runtime::MountBuilder;
+
+use super::spec::{ContainerSpec, Dependency, ExtensionServiceSpec, NetworkCheck};
 use crate::node::Node;
 use crate::supervisor::{
     CommandSpec, Prepared, RestartPolicy, Service, ServiceContext, ServiceError,
@@ -24,6 +27,8 @@ pub struct ExtensionService {
     spec: ExtensionServiceSpec,
     rootfs: PathBuf,
     setup: Mutex<Option<Arc<ContainerSetup>>>,
+    /// The environment of the service's `ExtensionServiceConfig` when it was last prepared.
+    config_env: Mutex<Vec<String>>,
 }
 
 impl ExtensionService {
@@ -47,6 +52,7 @@ impl ExtensionService {
             spec,
             rootfs,
             setup: Mutex::new(None),
+            config_env: Mutex::new(Vec::new()),
         }
     }
 
@@ -54,6 +60,53 @@ impl ExtensionService {
         self.node
             .upgrade()
             .ok_or_else(|| ServiceError::new("the node is shutting down"))
+    }
+
+    /// The service's `ExtensionServiceConfig` in the node's configuration, if any.
+    fn service_config(&self) -> Option<ExtensionServiceConfig> {
+        self.node
+            .upgrade()?
+            .config()?
+            .extension_service_configs
+            .iter()
+            .find(|c| c.name == self.spec.name)
+            .cloned()
+    }
+
+    /// Writes the files of `config` under the node's run directory (recreated at every boot)
+    /// and returns the container with each one bind-mounted read-only at its `mountPath`.
+    fn with_config_files(
+        &self,
+        node: &Node,
+        config: &ExtensionServiceConfig,
+    ) -> Result<ContainerSpec, ServiceError> {
+        let mut container = self.spec.container.clone();
+        let dir = node
+            .platform
+            .volumes()
+            .run
+            .join("extensions")
+            .join(&self.spec.name);
+        let fail = |what: &str, p: &std::path::Path, e: std::io::Error| {
+            ServiceError::new(format!("{what} {}: {e}", p.display()))
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| fail("clearing", &dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| fail("creating", &dir, e))?;
+        for (i, f) in config.config_files.iter().enumerate() {
+            let source = dir.join(i.to_string());
+            std::fs::write(&source, &f.content).map_err(|e| fail("writing", &source, e))?;
+            let mount = MountBuilder::default()
+                .source(&source)
+                .destination(&f.mount_path)
+                .typ("bind")
+                .options(vec!["bind".to_owned(), "ro".to_owned()])
+                .build()
+                .map_err(|e| ServiceError::new(format!("mount {}: {e}", f.mount_path)))?;
+            container.mounts.push(mount);
+        }
+        Ok(container)
     }
 
     fn path_exists(node: &Node, path: &str) -> bool {
@@ -109,10 +162,11 @@ impl Service for ExtensionService {
                         missing.push(format!("network ({})", unmet.join(", ")));
                     }
                 }
-                Dependency::Configuration(true) => missing.push(format!(
-                    "ExtensionServiceConfig {:?} (Kiln has no such document yet)",
-                    self.spec.name
-                )),
+                Dependency::Configuration(true) => {
+                    if self.service_config().is_none() {
+                        missing.push(format!("ExtensionServiceConfig {:?}", self.spec.name));
+                    }
+                }
                 Dependency::Configuration(false) => {}
             }
         }
@@ -120,7 +174,16 @@ impl Service for ExtensionService {
     }
 
     async fn pre_start(&self, ctx: &ServiceContext) -> Result<Prepared, ServiceError> {
-        let setup = ContainerSetup::new(&self.spec.name, &self.rootfs, &self.spec.container)
+        // The configuration as it is now: files and environment are read at every start, so a
+        // changed ExtensionServiceConfig takes effect when the service is restarted.
+        let config = self.service_config();
+        let container = match &config {
+            Some(c) => self.with_config_files(&*self.node()?, c)?,
+            None => self.spec.container.clone(),
+        };
+        *self.config_env.lock().unwrap_or_else(|e| e.into_inner()) =
+            config.map(|c| c.environment).unwrap_or_default();
+        let setup = ContainerSetup::new(&self.spec.name, &self.rootfs, &container)
             .map_err(ServiceError::new)?;
         *self.setup.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(setup));
         ctx.progress("Creating service runner");
@@ -129,9 +192,17 @@ impl Service for ExtensionService {
 
     fn command(&self) -> Result<CommandSpec, ServiceError> {
         let c = &self.spec.container;
+        // The ExtensionServiceConfig's entries come after the definition's: a name in both
+        // takes the configuration's value.
+        let config_env = self
+            .config_env
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let env = c
             .environment
             .iter()
+            .chain(&config_env)
             .filter_map(|e| e.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
