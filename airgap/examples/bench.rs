@@ -173,7 +173,7 @@ fn bench_dns(dir: &Path) -> anyhow::Result<Vec<(String, DnsResult)>> {
             )))
         })?
     };
-    results.push(("lab DNS (hickory-server)".to_owned(), dnsperf(port, &data)?));
+    results.push(("lab DNS".to_owned(), dnsperf(port, &data)?));
     let _ = tx.send(());
     let _ = rt.block_on(server);
     drop(rt);

@@ -1,6 +1,7 @@
 //! The lab DNS server: answers the cluster's own names (A and AAAA) from a zone the lab gives
 //! it, and forwards every other name to upstream resolvers, or, in air-gapped mode, refuses it
-//! (REFUSED) and records the attempt in the audit log. UDP and TCP, on hickory-server.
+//! (REFUSED) and records the attempt in the audit log. UDP and TCP, with hickory-server's
+//! request handling; UDP queries are read by Kiln's own readers (see [`serve`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -10,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::rdata::{A, AAAA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::{BinEncodable as _, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use serde::{Deserialize, Serialize};
@@ -302,6 +305,19 @@ impl LabDns {
         })
     }
 
+    /// Whether `request` is answered without asking an upstream (a lab name, a name under the
+    /// lab domain, a refusal, or a malformed query): the UDP readers answer those inline.
+    fn answers_locally(&self, request: &Request) -> bool {
+        match request.request_info() {
+            Ok(info) => {
+                matches!(self.outside, Outside::Refuse)
+                    || self.zone.lookup(info.query.name()).is_some()
+                    || self.zone.in_domain(info.query.name())
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Where names outside the zone go.
     pub fn outside(&self) -> &Outside {
         &self.outside
@@ -568,25 +584,157 @@ impl DnsSockets {
 }
 
 /// Serves `handler` on `sockets` until `shutdown` completes, then stops accepting and lets
-/// queries in progress finish.
+/// queries in progress finish (TCP; UDP queries are answered in one round trip).
+///
+/// TCP goes through hickory-server's `Server`. UDP is read here, by one task per core sharing
+/// each socket: a query for a lab name is answered inline by the same handler (no task per
+/// query, no channel to a sender task), and only a query that is forwarded upstream, which can
+/// take seconds, gets a task of its own. With hickory-server's UDP loop (a task per query) the
+/// lab DNS answered about 70 % of unbound's rate in the benchmark.
 pub async fn serve(
     sockets: DnsSockets,
     handler: LabDns,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
-    let mut server = Server::new(handler);
-    for u in sockets.udp {
-        server.register_socket(u);
-    }
+    let handler = Arc::new(handler);
+    let mut server = Server::new(Shared(handler.clone()));
     for t in sockets.tcp {
         server.register_listener(t, TCP_IDLE, 64 * 1024);
     }
+    let readers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let mut udp = tokio::task::JoinSet::new();
+    for u in sockets.udp {
+        let u = Arc::new(u);
+        for _ in 0..readers {
+            udp.spawn(serve_udp(u.clone(), handler.clone()));
+        }
+    }
     tokio::select! {
         r = server.block_until_done() => r.map_err(|e| DnsError::Serve(e.to_string())),
+        Some(r) = udp.join_next() => match r {
+            Ok(Err(e)) => Err(DnsError::Serve(format!("UDP: {e}"))),
+            _ => Err(DnsError::Serve("a UDP reader ended".to_owned())),
+        },
         () = shutdown => {
             tracing::info!("DNS server shutting down");
+            udp.abort_all();
             server.shutdown_gracefully().await.map_err(|e| DnsError::Serve(e.to_string()))
         }
+    }
+}
+
+/// The handler shared between hickory-server (TCP) and the UDP readers.
+struct Shared(Arc<LabDns>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
+    }
+}
+
+/// One UDP reader: receives queries and answers them (see [`serve`]).
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<LabDns>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // An ICMP error caused by an earlier reply (the client went away): next.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                tracing::debug!(error = %e, "UDP receive");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // Fewer than 12 bytes is no DNS header: nothing to answer (as hickory-server does).
+        let Ok(request) = Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) else {
+            if n >= 12 {
+                // A header but no parsable message: FORMERR with the query's id.
+                let mut reply = [0u8; 12];
+                reply[..2].copy_from_slice(&buf[..2]);
+                reply[2] = 0x80 | (buf[2] & 0x78); // QR, the query's opcode
+                reply[3] = ResponseCode::FormErr.low();
+                let _ = socket.send_to(&reply, src).await;
+            }
+            continue;
+        };
+        if request.metadata.message_type == MessageType::Response {
+            continue; // never answer a response (reflection)
+        }
+        let responder = UdpResponder {
+            socket: socket.clone(),
+            dst: src,
+        };
+        if handler.answers_locally(&request) {
+            handler
+                .handle_request::<_, TokioTime>(&request, responder)
+                .await;
+        } else {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                handler
+                    .handle_request::<_, TokioTime>(&request, responder)
+                    .await;
+            });
+        }
+    }
+}
+
+/// Sends a response to one UDP client: encoded within the client's EDNS payload size (512
+/// bytes without EDNS, RFC 1035 4.2.1); a response that does not fit becomes SERVFAIL.
+#[derive(Clone)]
+struct UdpResponder {
+    socket: Arc<UdpSocket>,
+    dst: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let id = response.metadata().id;
+        let max = response.edns().map_or(512, Edns::max_payload);
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max);
+        let info = match response.destructive_emit(&mut encoder) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(error = %e, "encoding a UDP response; answering SERVFAIL");
+                bytes.clear();
+                let mut encoder = BinEncoder::new(&mut bytes);
+                let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+                metadata.response_code = ResponseCode::ServFail;
+                let header = Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                };
+                header.emit(&mut encoder)?;
+                ResponseInfo::from(header)
+            }
+        };
+        self.socket.send_to(&bytes, self.dst).await?;
+        Ok(info)
     }
 }
 

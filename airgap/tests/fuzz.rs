@@ -229,3 +229,52 @@ fn dns_survives_random_and_mangled_packets() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// The UDP readers' own rules, one packet each: a header with a broken body gets FORMERR with
+/// its id, a message marked as a response gets no answer at all (no reflection), and an answer
+/// that does not fit the client's 512 bytes is never sent longer.
+#[test]
+fn dns_udp_readers_answer_formerr_ignore_responses_and_keep_to_512_bytes() -> anyhow::Result<()> {
+    let rt = runtime();
+    rt.block_on(async {
+        let names = ClusterNames::new("kiln-default", "10.5.0.1".parse()?, "10.5.0.0/24".parse()?);
+        let dns = common::start_dns(names.dns_config(true), AuditLog::discard()).await?;
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        sock.connect(dns.addr).await?;
+        let mut buf = [0u8; 4096];
+        let recv = async |sock: &tokio::net::UdpSocket, buf: &mut [u8]| {
+            tokio::time::timeout(Duration::from_secs(2), sock.recv(buf)).await
+        };
+
+        // A header that claims one question, then garbage.
+        let mut broken = query(0x1111, "kiln-default.kiln.internal");
+        broken.truncate(15);
+        sock.send(&broken).await?;
+        let n = recv(&sock, &mut buf).await??;
+        anyhow::ensure!(
+            n >= 12 && buf[..2] == [0x11, 0x11],
+            "answer {:?}",
+            &buf[..n]
+        );
+        anyhow::ensure!(buf[2] & 0x80 != 0, "not a response: {:?}", &buf[..n]);
+        anyhow::ensure!(buf[3] & 0x0f == 1, "rcode {} is not FORMERR", buf[3] & 0x0f);
+
+        // The same query with QR set: silence.
+        let mut response = query(0x2222, "kiln-default.kiln.internal");
+        response[2] |= 0x80;
+        sock.send(&response).await?;
+        anyhow::ensure!(
+            recv(&sock, &mut buf).await.is_err(),
+            "a response packet was answered"
+        );
+
+        // A good query still gets its one answer, within 512 bytes (no EDNS).
+        sock.send(&query(0x3333, "kiln-default.kiln.internal"))
+            .await?;
+        let n = recv(&sock, &mut buf).await??;
+        anyhow::ensure!(buf[..2] == [0x33, 0x33] && buf[3] & 0x0f == 0 && buf[7] == 1);
+        anyhow::ensure!(n <= 512, "{n} bytes without EDNS");
+        dns.stop().await;
+        Ok(())
+    })
+}
