@@ -16,6 +16,8 @@
 //!   - machine: {sysctls: {net.ipv4.ip_forward: "1"}}
 //! mirrors:
 //!   docker.io: [http://10.5.0.1:5000]
+//! withRegistry: false   # the lab's registry mirror on the gateway
+//! airgapped: false      # no route out; lab DNS, egress proxy and registry (implies withRegistry)
 //! ```
 
 use std::collections::BTreeMap;
@@ -58,6 +60,18 @@ pub struct ClusterFile {
     /// (becomes `machine.registries.mirrors` on every node).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mirrors: BTreeMap<String, Vec<String>>,
+    /// Start the lab's registry mirror on the gateway (`--with-registry`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub with_registry: bool,
+    /// An air-gapped cluster (`--airgapped`): no route out, lab DNS and egress proxy, every
+    /// image through the lab registry.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub airgapped: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `network:`.
@@ -201,7 +215,7 @@ impl ClusterFile {
         if node.as_map().is_none() {
             problems.push(Problem::at(
                 node.pos,
-                "a cluster is a mapping (provisioner, name, network, nodes, patches, mirrors)",
+                "a cluster is a mapping (provisioner, name, network, nodes, patches, mirrors, withRegistry, airgapped)",
             ));
             return None;
         }
@@ -317,6 +331,8 @@ impl ClusterFile {
         if let Some(n) = &self.name {
             opts.name = n.clone();
         }
+        opts.with_registry |= self.with_registry;
+        opts.airgapped |= self.airgapped;
         if let Some(net) = &self.network {
             if let Some(c) = &net.cidr {
                 opts.cidr = c.clone();
@@ -414,6 +430,28 @@ mirrors:
 patches:
   - machine: {env: {A: b}}
 ";
+
+    #[test]
+    fn air_gap_and_the_lab_registry_come_from_the_file() {
+        let mut opts = CreateOptions::new("kiln-default", PathBuf::from("/tmp"));
+        ClusterFile::parse("airgapped: true\n")
+            .unwrap()
+            .apply(&mut opts, Path::new("/"))
+            .unwrap();
+        assert!(opts.airgapped && !opts.with_registry);
+        let mut opts = CreateOptions::new("kiln-default", PathBuf::from("/tmp"));
+        ClusterFile::parse("withRegistry: true\n")
+            .unwrap()
+            .apply(&mut opts, Path::new("/"))
+            .unwrap();
+        assert!(opts.with_registry && !opts.airgapped);
+        // Written back only when set.
+        let text = serde_yaml::to_string(&ClusterFile::parse(FILE).unwrap()).unwrap();
+        assert!(
+            !text.contains("airgapped") && !text.contains("withRegistry"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn a_file_sets_the_options() {

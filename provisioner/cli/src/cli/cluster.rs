@@ -398,8 +398,9 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     opts.install_plain_http = args.install_plain_http;
     opts.extensions = args.extensions.clone();
     opts.registry_mirrors = args.registry_mirrors.clone();
-    opts.with_registry = args.with_registry;
-    opts.airgapped = args.airgapped;
+    // The flags add to what a cluster file says.
+    opts.with_registry |= args.with_registry;
+    opts.airgapped |= args.airgapped;
     opts.extra_boot_kernel_args = args
         .extra_boot_kernel_args
         .iter()
