@@ -108,6 +108,9 @@ fn one() -> usize {
     1
 }
 
+/// The least memory a node may be given, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 128;
+
 /// What a node gets from the provisioner that runs it as a machine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -260,6 +263,31 @@ impl ClusterFile {
                         n.pos,
                         "maintenance: true is for workers; a control-plane node needs its \
                          configuration to run etcd",
+                    ));
+                    ok = false;
+                }
+                // What any machine needs to run machined and etcd, whichever provisioner
+                // sizes it (qemu refuses less at boot, a container would be killed for it).
+                let resources = g.resources.unwrap_or_default();
+                let at = |key: &str| {
+                    n.get("resources")
+                        .and_then(|r| r.get(key))
+                        .map_or(n.pos, |v| v.pos)
+                };
+                if let Some(m) = resources.memory.filter(|m| *m < MIN_MEMORY_MIB) {
+                    problems.push(Problem::at(
+                        at("memory"),
+                        format!(
+                            "memory: {m} MiB is too little for a Kiln node; give at least \
+                             {MIN_MEMORY_MIB} (e.g. memory: 1024)"
+                        ),
+                    ));
+                    ok = false;
+                }
+                if resources.cpus == Some(0) {
+                    problems.push(Problem::at(
+                        at("cpus"),
+                        "cpus: 0; a node needs at least one CPU (e.g. cpus: 2)",
                     ));
                     ok = false;
                 }
@@ -430,6 +458,20 @@ mirrors:
 patches:
   - machine: {env: {A: b}}
 ";
+
+    #[test]
+    fn too_little_memory_or_no_cpu_is_refused_at_its_line() {
+        let text = "nodes:\n  - role: controlplane\n    resources: {memory: 64, cpus: 0}\n";
+        let problems = ClusterFile::parse(text).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].message.contains("memory: 64 MiB is too little"));
+        assert_eq!((problems[0].pos.line, problems[0].pos.col), (3, 25));
+        assert!(problems[1].message.contains("cpus: 0"));
+        assert!(
+            ClusterFile::parse("nodes:\n  - role: controlplane\n    resources: {memory: 128}\n")
+                .is_ok()
+        );
+    }
 
     #[test]
     fn air_gap_and_the_lab_registry_come_from_the_file() {
