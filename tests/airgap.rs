@@ -37,7 +37,8 @@ fn in_node(netns: &str, cmd: &str, args: &[&str]) -> Output {
     run("ip", &all)
 }
 
-/// Writes an OCI layout named as `kiln image cache --to DIR` names it, for each image.
+/// Writes an OCI layout named as `kiln image cache --to DIR` names it, for each image but the
+/// node image.
 fn seed_images(env: &Env, dir: &Path) -> Vec<String> {
     let listed = env.ok(&["image", "list", "-o", "json"]);
     let json = &listed[..listed.rfind(']').unwrap() + 1];
@@ -51,7 +52,8 @@ fn seed_images(env: &Env, dir: &Path) -> Vec<String> {
             && names.iter().any(|n| n.starts_with("kiln/node:v")),
         "image list lacks the installer or the node image: {names:?}"
     );
-    for name in &names {
+    // The node image is not seeded: `image cache` packs it from the node root filesystem.
+    for name in names.iter().filter(|n| !n.starts_with("kiln/node:")) {
         let stem: String = name
             .chars()
             .map(|c| if matches!(c, '/' | ':' | '@') { '_' } else { c })
@@ -174,6 +176,12 @@ fn check_airgapped(env: &Env, dir: &Path, images: &[String], images_dir: &Path) 
     for i in images {
         assert!(cached.contains(i.as_str()), "{i} not cached:\n{cached}");
     }
+    assert!(
+        cached
+            .lines()
+            .any(|l| l.starts_with("kiln/node:") && l.contains("node root filesystem")),
+        "the node image was not packed from the node root filesystem:\n{cached}"
+    );
     let installer = images
         .iter()
         .find(|i| i.starts_with("kiln/installer:"))

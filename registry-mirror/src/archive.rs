@@ -398,11 +398,49 @@ pub enum ImageFormat {
 }
 
 /// Writes an image into `layout` (and names it `tag` in `index.json`): one gzip-compressed
-/// tar layer per entry of `layers`, each a list of `(path, contents)` files, and a config
-/// whose `rootfs.diff_ids` match the layers, so container engines can unpack it.
+/// tar layer per entry of `layers`, each a list of `(path, contents)` files (mode 0644), and a
+/// config whose `rootfs.diff_ids` match the layers, so container engines can unpack it.
 pub fn build_image(
     layout: &OciLayout,
     layers: &[Vec<(String, Vec<u8>)>],
+    format: ImageFormat,
+    tag: &str,
+) -> Result<Descriptor, ArchiveError> {
+    let err = |e: io::Error| ArchiveError::Io {
+        what: "build layer",
+        path: layout.dir().to_owned(),
+        source: e,
+    };
+    let mut tars = Vec::new();
+    for files in layers {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, path, data.as_slice())
+                .map_err(err)?;
+        }
+        tars.push(tar.into_inner().map_err(err)?);
+    }
+    build_image_from_tars(
+        layout,
+        &tars,
+        &serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+        format,
+        tag,
+    )
+}
+
+/// Writes an image of ready tar layers (uncompressed; each is gzip-compressed here) with
+/// `run_config` as the config's `config` (`Entrypoint`, `Env`, `Labels`, ...) into `layout`,
+/// and names it `tag` in `index.json`.
+pub fn build_image_from_tars(
+    layout: &OciLayout,
+    tars: &[Vec<u8>],
+    run_config: &serde_json::Value,
     format: ImageFormat,
     tag: &str,
 ) -> Result<Descriptor, ArchiveError> {
@@ -425,23 +463,12 @@ pub fn build_image(
     };
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();
-    for files in layers {
-        let mut tar = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(0);
-            h.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut h, path, data.as_slice())
-                .map_err(err)?;
-        }
-        let raw = tar.into_inner().map_err(err)?;
-        diff_ids.push(Digest::of(&raw).to_string());
+    for raw in tars {
+        diff_ids.push(Digest::of(raw).to_string());
         let mut gz = flate2::GzBuilder::new()
             .mtime(0)
             .write(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&raw).map_err(err)?;
+        gz.write_all(raw).map_err(err)?;
         let compressed = gz.finish().map_err(err)?;
         let d = layout.write_blob(&compressed)?;
         layer_descs.push(serde_json::json!({"mediaType": layer_type, "digest": d.to_string(), "size": compressed.len()}));
@@ -449,7 +476,7 @@ pub fn build_image(
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "config": run_config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": diff_ids.iter().map(|_| serde_json::json!({"created_by": "kiln build_image"})).collect::<Vec<_>>(),
     })

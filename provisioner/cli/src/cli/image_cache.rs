@@ -178,6 +178,9 @@ enum Found {
     Layout(PathBuf),
     /// A registry.
     Registry(String),
+    /// The node image, packed here from the node root filesystem (a layout in the scratch
+    /// directory).
+    NodeRootfs(PathBuf),
 }
 
 impl std::fmt::Display for Found {
@@ -185,8 +188,36 @@ impl std::fmt::Display for Found {
         match self {
             Found::Layout(p) => write!(f, "{}", p.display()),
             Found::Registry(r) => write!(f, "registry {r}"),
+            Found::NodeRootfs(_) => write!(f, "node root filesystem (machined next to kiln)"),
         }
     }
+}
+
+/// Packs the node image (`kiln/node`, as the docker provisioner imports it) into an OCI layout
+/// at `dir`, tagged `tag`: one layer with the node root filesystem (machined, etcd, etcdctl and
+/// their libraries), machined as the entrypoint.
+fn pack_node_image(dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+    use kiln_provisioner::provision::docker::engine;
+    let machined = engine::machined_binary()?;
+    let rootfs =
+        kiln_image::rootfs::Rootfs::resolve(&kiln_image::rootfs::RootfsInputs::new(machined))?;
+    let work = dir.with_extension("work");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let tar = rootfs.write_tar(Vec::new(), &work, &kiln_image::Quiet)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let layout = kiln_registry_mirror::archive::OciLayout::create(dir)?;
+    kiln_registry_mirror::archive::build_image_from_tars(
+        &layout,
+        &[tar],
+        &serde_json::json!({
+            "Entrypoint": [kiln_image::rootfs::MACHINED],
+            "Env": ["PATH=/usr/bin"],
+            "Labels": {engine::IMAGE_LABEL: rootfs.digest},
+        }),
+        kiln_registry_mirror::archive::ImageFormat::Oci,
+        tag,
+    )?;
+    Ok(dir.to_owned())
 }
 
 /// The installer layout of the newest image of this Kiln version in the store.
@@ -279,13 +310,21 @@ pub async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        if found.is_none() && *image == kiln_config::generate::DEFAULT_NODE_IMAGE {
+            let dir = scratch.path().join("node-image");
+            let tag = parsed.reference.to_string();
+            let layout = tokio::task::spawn_blocking(move || pack_node_image(&dir, &tag))
+                .await
+                .context("packing the node image")??;
+            found = Some(Found::NodeRootfs(layout));
+        }
         let Some(found) = found else {
             missing.push(image.clone());
             continue;
         };
         // A registry source is exported to an archive first; layouts are used as they are.
         let layout = match &found {
-            Found::Layout(p) => p.clone(),
+            Found::Layout(p) | Found::NodeRootfs(p) => p.clone(),
             Found::Registry(_) => {
                 let file = scratch.path().join(&archive);
                 let c = from_client.as_ref().context("no source registry")?;
