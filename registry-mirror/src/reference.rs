@@ -254,6 +254,25 @@ pub enum InvalidImageRef {
     Reference(#[from] InvalidReference),
 }
 
+impl ImageRef {
+    /// Parses a reference as container runtimes read one: a first component without `.` or
+    /// `:` (and not `localhost`) is not a host, so `kiln/installer:v1` is
+    /// `docker.io/kiln/installer:v1` and `alpine` is `docker.io/library/alpine:latest`.
+    /// ([`FromStr`] wants the host written out.)
+    pub fn normalized(s: &str) -> Result<Self, InvalidImageRef> {
+        let first = s.split('/').next().unwrap_or_default();
+        let has_host =
+            s.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+        if has_host {
+            s.parse()
+        } else if s.contains('/') {
+            format!("docker.io/{s}").parse()
+        } else {
+            format!("docker.io/library/{s}").parse()
+        }
+    }
+}
+
 impl FromStr for ImageRef {
     type Err = InvalidImageRef;
 
@@ -282,6 +301,30 @@ impl FromStr for ImageRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_are_normalized_as_container_runtimes_do() {
+        for (given, host, name, reference) in [
+            ("kiln/installer:v1", "docker.io", "kiln/installer", "v1"),
+            ("alpine", "docker.io", "library/alpine", "latest"),
+            (
+                "10.5.0.1:5000/kiln/installer:v1",
+                "10.5.0.1:5000",
+                "kiln/installer",
+                "v1",
+            ),
+            ("ghcr.io/a/b:t", "ghcr.io", "a/b", "t"),
+            ("localhost/a:t", "localhost", "a", "t"),
+        ] {
+            let r = ImageRef::normalized(given).unwrap();
+            assert_eq!(
+                (r.host.as_str(), r.name.to_string(), r.reference.to_string()),
+                (host, name.to_owned(), reference.to_owned()),
+                "{given}"
+            );
+        }
+        assert!(ImageRef::normalized("kiln/Bad:v1").is_err());
+    }
 
     #[test]
     fn names() {

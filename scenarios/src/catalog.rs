@@ -67,6 +67,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "kubeadm-migration.yaml",
         include_str!("../builtin/kubeadm-migration.yaml"),
     ),
+    (
+        "airgapped-boot.yaml",
+        include_str!("../builtin/airgapped-boot.yaml"),
+    ),
 ];
 
 /// Every built-in scenario. The shipped files are checked by this crate's tests, so a parse
@@ -113,6 +117,8 @@ mod tests {
         assert!(find("node-reboot").is_some_and(|s| !s.needs_slots()));
         assert!(find("kubeadm-migration").is_some_and(|s| s.needs_kubeadm()));
         assert!(find("node-reboot").is_some_and(|s| !s.needs_kubeadm()));
+        assert!(find("airgapped-boot").is_some_and(|s| s.needs_airgap()));
+        assert!(find("node-reboot").is_some_and(|s| !s.needs_airgap()));
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl Scenario {
         self.steps.iter().any(Step::needs_kubeadm)
     }
 
+    /// Whether the scenario is air-gapped (its cluster or one of its steps).
+    pub fn needs_airgap(&self) -> bool {
+        self.cluster.airgapped || self.steps.iter().any(Step::needs_airgap)
+    }
+
     /// Whether some step pauses a node.
     pub fn needs_pause(&self) -> bool {
         self.steps.iter().any(Step::needs_pause)

@@ -27,6 +27,7 @@
 //! run --jobs` processes started at the same instant may still pick the same free network
 //! (the second `create` then fails naming the conflict).
 
+pub mod airgap;
 pub mod catalog;
 pub mod cluster;
 pub mod file;

@@ -200,6 +200,35 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
     {
         return Some(why);
     }
+    if scenario.needs_airgap() {
+        if provisioner != kiln_provisioner::provision::process::NAME {
+            return Some(
+                "the air-gapped rehearsal is built on the process provisioner (nodes in network \
+                 namespaces on the cluster bridge)"
+                    .to_owned(),
+            );
+        }
+        if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
+            return Some(
+                "an air-gapped cluster puts its nodes in network namespaces on the cluster \
+                 bridge, which needs root"
+                    .to_owned(),
+            );
+        }
+        for (tool, arg) in [("dig", "-v"), ("curl", "--version")] {
+            let ok = std::process::Command::new(tool)
+                .arg(arg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Some(format!(
+                    "{tool} is not installed (scripts/install-deps installs it)"
+                ));
+            }
+        }
+    }
     if scenario.needs_kubeadm() {
         if provisioner != kiln_provisioner::provision::process::NAME {
             return Some(
@@ -657,6 +686,11 @@ async fn execute(handle: &mut Option<ClusterHandle>, step: &Step) -> anyhow::Res
             }
             format!("members: {}", got.join(", "))
         }
+        Step::CacheImages => crate::airgap::cache_images(h).await?,
+        Step::UpgradeFromLabRegistry(n) => crate::airgap::upgrade_from_lab_registry(h, *n).await?,
+        Step::AssertAuditClean => crate::airgap::assert_audit_clean(h).await?,
+        Step::RequestOutside(n) => crate::airgap::request_outside(h, *n).await?,
+        Step::AssertAuditDenied(d) => crate::airgap::assert_audit_denied(h, d).await?,
         Step::AssertNoFailedWrites => {
             let w = h.workload.lock().unwrap_or_else(|e| e.into_inner());
             let detail = format!(

@@ -312,6 +312,22 @@ pub enum Step {
     },
     /// The etcd members (read through HAProxy) are exactly this many, all Kiln nodes.
     AssertOnlyKilnMembers(usize),
+    /// Every image of `kiln image list` into the lab registry with `kiln image cache`: this
+    /// release's installer (built with `kiln image installer`) and the node image (packed from
+    /// the node root filesystem). Needs the lab registry (`withRegistry` or `airgapped`).
+    CacheImages,
+    /// `upgrade --preserve` the node to this release's installer by its plain name
+    /// (`kiln/installer:v<version>`): its mirrors send the pull to the lab registry, whose
+    /// request log must show it, and the upgrade must be confirmed.
+    UpgradeFromLabRegistry(NodeRef),
+    /// `kiln airgap audit` is clean: nothing was denied.
+    AssertAuditClean,
+    /// From the node's network namespace (process nodes): the lab DNS refuses an outside name
+    /// (`example.com`) and the egress proxy denies a fetch of it (403).
+    RequestOutside(NodeRef),
+    /// `kiln airgap audit` exits 1 and lists this destination (host, or `host:port`) among the
+    /// denied ones; every denied attempt came from a node of the cluster.
+    AssertAuditDenied(String),
     /// No request of the background writer failed (through the load balancer, for the kubeadm
     /// control plane) and it made at least one.
     AssertNoFailedWrites,
@@ -433,6 +449,17 @@ impl Step {
             Self::AssertOnlyKilnMembers(n) => {
                 format!("assert the etcd members are {n} Kiln nodes only")
             }
+            Self::CacheImages => {
+                "kiln image cache: every listed image into the lab registry".into()
+            }
+            Self::UpgradeFromLabRegistry(n) => {
+                format!("upgrade --preserve {n} to this release's installer from the lab registry")
+            }
+            Self::AssertAuditClean => "assert the egress audit is clean".into(),
+            Self::RequestOutside(n) => {
+                format!("from {n}: look up and fetch example.com (expect refused and denied)")
+            }
+            Self::AssertAuditDenied(d) => format!("assert the egress audit denied {d}"),
             Self::AssertRelease { node, release } => match node {
                 Some(n) => format!("assert {n} runs {release:?}"),
                 None => format!("assert every node runs {release:?}"),
@@ -460,6 +487,8 @@ impl Step {
             | Self::ExpectEtcdUnhealthy(n)
             | Self::AssertCaughtUp(n)
             | Self::AssertRunning(n)
+            | Self::UpgradeFromLabRegistry(n)
+            | Self::RequestOutside(n)
             | Self::Rollback(n) => vec![*n],
             Self::WriteKeys { .. }
             | Self::StartWriter
@@ -486,6 +515,9 @@ impl Step {
             | Self::RemoveKubeadmNode(_)
             | Self::AssertEtcdMemberNames(_)
             | Self::AssertOnlyKilnMembers(_)
+            | Self::CacheImages
+            | Self::AssertAuditClean
+            | Self::AssertAuditDenied(_)
             | Self::AssertNoFailedWrites => vec![],
         }
     }
@@ -511,6 +543,19 @@ impl Step {
     /// `haproxy` and `openssl`.
     pub fn needs_kubeadm(&self) -> bool {
         matches!(self, Self::CreateKubeadmControlPlane { .. })
+    }
+
+    /// Whether the step needs the air-gap lab (its registry, DNS, proxy and audit, and process
+    /// nodes in network namespaces).
+    pub fn needs_airgap(&self) -> bool {
+        matches!(
+            self,
+            Self::CacheImages
+                | Self::UpgradeFromLabRegistry(_)
+                | Self::AssertAuditClean
+                | Self::RequestOutside(_)
+                | Self::AssertAuditDenied(_)
+        )
     }
 
     /// Whether the step pauses or resumes a node (a provisioner capability).

@@ -66,7 +66,7 @@ impl Drop for Releases {
     }
 }
 
-async fn kiln(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn kiln(args: &[&str]) -> anyhow::Result<String> {
     let bin = kiln_provisioner::daemon::kiln_binary()?;
     let out = tokio::process::Command::new(&bin)
         .args(args)
@@ -254,6 +254,19 @@ pub async fn upgrade(
     expect: Expect,
 ) -> anyhow::Result<String> {
     let image = releases(h)?.reference(to);
+    upgrade_to(h, node, &image, flags, expect).await
+}
+
+/// Upgrades `node` to the installer `image` (any reference its mirrors resolve) and checks
+/// how it ends.
+pub async fn upgrade_to(
+    h: &ClusterHandle,
+    node: NodeRef,
+    image: &str,
+    flags: UpgradeFlags,
+    expect: Expect,
+) -> anyhow::Result<String> {
+    let image = image.to_owned();
     let addr = h.node(node)?.address.to_string();
     let started = Instant::now();
     let since = now_millis();

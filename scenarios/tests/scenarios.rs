@@ -152,6 +152,9 @@ fn scenario_trial(scenario: Scenario, provisioner: &'static str) -> Trial {
         } else if scenario.needs_kubeadm() {
             // Legacy nodes in network namespaces on the bridge, HAProxy, kubeadm's PKI.
             &[Tier::Root, Tier::Etcd, Tier::Haproxy, Tier::Openssl]
+        } else if scenario.needs_airgap() {
+            // Nodes in network namespaces, lab DNS (dig) and egress proxy (curl).
+            &[Tier::Root, Tier::Etcd, Tier::Dns, Tier::Proxy]
         } else {
             &[Tier::Etcd]
         };
@@ -399,7 +402,7 @@ fn locate_kiln() -> Result<PathBuf, String> {
 /// scenarios need A/B slots, which it does not have yet, and the kubeadm control plane is built
 /// on the process provisioner's bridge only. (What needs root is the trial's tier.)
 fn docker_lacks(scenario: &Scenario) -> Option<String> {
-    if scenario.needs_kubeadm() {
+    if scenario.needs_kubeadm() || scenario.needs_airgap() {
         return runner::unavailable(scenario, "docker");
     }
     let docker = kiln_provisioner::provision::by_name("docker").ok()?;
@@ -452,7 +455,8 @@ fn main() {
             }
             // The kubeadm rehearsal needs tiers (root, HAProxy, openssl) on process: its trial
             // checks them and says which is missing.
-            let tiered = provisioner == "process" && scenario.needs_kubeadm();
+            let tiered =
+                provisioner == "process" && (scenario.needs_kubeadm() || scenario.needs_airgap());
             match runner::unavailable(&scenario, provisioner).filter(|_| !tiered) {
                 None => {
                     let trial = scenario_trial(scenario.clone(), provisioner);

@@ -287,15 +287,12 @@ async fn prepare(
     slots: &dyn BootSlots,
     req: &UpgradeRequest,
 ) -> Result<(PathBuf, PulledInstaller), UpgradeError> {
-    let image: ImageRef =
-        req.image
-            .parse()
-            .map_err(|e: kiln_registry_mirror::reference::InvalidImageRef| {
-                UpgradeError::InvalidReference {
-                    image: req.image.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+    // As container runtimes read it: `kiln/installer:v1` is `docker.io/kiln/installer:v1`, so
+    // the node's mirrors for `docker.io` (or `*`) serve it.
+    let image = ImageRef::normalized(&req.image).map_err(|e| UpgradeError::InvalidReference {
+        image: req.image.clone(),
+        reason: e.to_string(),
+    })?;
     event(
         node,
         "pulling",

@@ -147,18 +147,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 /// A reference with its registry host made explicit the way container runtimes do:
 /// `kiln/installer:v1` is `docker.io/kiln/installer:v1`.
 pub fn parse_image(image: &str) -> anyhow::Result<ImageRef> {
-    let first = image.split('/').next().unwrap_or_default();
-    let has_host =
-        image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
-    let full = if has_host {
-        image.to_owned()
-    } else if image.contains('/') {
-        format!("docker.io/{image}")
-    } else {
-        format!("docker.io/library/{image}")
-    };
-    full.parse::<ImageRef>()
-        .with_context(|| format!("image reference {image:?}"))
+    ImageRef::normalized(image).with_context(|| format!("image reference {image:?}"))
 }
 
 /// The archive name of `image` in a cache directory: the reference with `/`, `:` and `@`
