@@ -557,7 +557,10 @@ fn bad_input_is_an_error_not_a_panic() {
     fails(
         d,
         &["validate", "--config", "two.yaml"],
-        &["one machine configuration document per file"],
+        &[
+            "2 v1alpha1 machine configuration documents",
+            "one v1alpha1 document per file",
+        ],
     );
     fails(
         d,
