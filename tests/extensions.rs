@@ -406,6 +406,32 @@ environment:
         logs.contains("configured: configured kept color=green"),
         "{logs}"
     );
+    // A changed document restarts the running service, which reads the new file.
+    std::fs::write(
+        &with_ext,
+        std::fs::read_to_string(&with_ext)
+            .unwrap()
+            .replace("color=green", "color=red"),
+    )
+    .unwrap();
+    env.ok(&[
+        "apply-config",
+        "-f",
+        &with_ext.display().to_string(),
+        "--mode",
+        "no-reboot",
+    ]);
+    wait_for(
+        &env,
+        &["logs", "ext-configured"],
+        "ext-configured restarted with the new file",
+        |o| o.contains("configured: configured kept color=red"),
+    );
+    let out = env.ok(&["service", "ext-configured"]);
+    assert!(
+        state_of(&out) == "Running" && out.matches("Started task ext-configured").count() >= 2,
+        "{out}"
+    );
 }
 
 // ---- a small RFC 8628 authorization server ----

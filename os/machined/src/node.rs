@@ -166,9 +166,32 @@ impl Node {
             .clone()
     }
 
-    /// Replaces the active configuration (not its persisted copy).
+    /// Replaces the active configuration (not its persisted copy). A running extension service
+    /// whose `ExtensionServiceConfig` changed (or went away) is restarted, so that it starts
+    /// with the new files and environment.
     pub fn set_config(&self, config: MachineConfig) {
+        let previous = self.config();
+        let changed: Vec<String> = previous
+            .iter()
+            .flat_map(|p| p.extension_service_configs.iter().map(|c| c.name.clone()))
+            .chain(
+                config
+                    .extension_service_configs
+                    .iter()
+                    .map(|c| c.name.clone()),
+            )
+            .filter(|name| {
+                let find = |c: Option<&MachineConfig>| {
+                    c.and_then(|c| c.extension_service_configs.iter().find(|e| &e.name == name))
+                        .cloned()
+                };
+                find(previous.as_deref()) != find(Some(&config))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(config));
+        self.restart_extension_services(&changed);
         *self
             .config_generation
             .lock()
@@ -179,6 +202,38 @@ impl Node {
             "applied",
             "machine configuration applied",
         );
+    }
+
+    /// Restarts the running `ext-<name>` services of `names` (their configuration changed).
+    fn restart_extension_services(&self, names: &[String]) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let running: Vec<String> = self
+            .supervisor
+            .list()
+            .into_iter()
+            .filter(|s| s.state == crate::supervisor::ServiceState::Running)
+            .map(|s| s.id)
+            .collect();
+        for name in names {
+            let id = format!("ext-{name}");
+            if !running.contains(&id) {
+                continue; // a waiting service reads the new configuration when it starts
+            }
+            self.events.publish(
+                EventKind::Config,
+                "machineconfig",
+                "extension-config",
+                format!("ExtensionServiceConfig {name:?} changed: restarting {id}"),
+            );
+            let supervisor = self.supervisor.clone();
+            rt.spawn(async move {
+                if let Err(e) = supervisor.restart(&id).await {
+                    tracing::warn!(service = %id, error = %e, "restarting after a configuration change");
+                }
+            });
+        }
     }
 
     /// How many times the configuration changed during this boot.
