@@ -200,64 +200,59 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
     {
         return Some(why);
     }
-    if scenario.needs_airgap() {
-        if provisioner != kiln_provisioner::provision::process::NAME {
-            return Some(
-                "the air-gapped rehearsal is built on the process provisioner (nodes in network \
-                 namespaces on the cluster bridge)"
-                    .to_owned(),
-            );
-        }
-        if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
-            return Some(
-                "an air-gapped cluster puts its nodes in network namespaces on the cluster \
-                 bridge, which needs root"
-                    .to_owned(),
-            );
-        }
-        for (tool, arg) in [("dig", "-v"), ("curl", "--version")] {
-            let ok = std::process::Command::new(tool)
-                .arg(arg)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Some(format!(
-                    "{tool} is not installed (scripts/install-deps installs it)"
-                ));
-            }
-        }
+    if scenario.needs_airgap()
+        && let Some(why) = process_bridge_with_tools(
+            &*p,
+            provisioner,
+            "the air-gapped rehearsal is built on the process provisioner (nodes in network \
+             namespaces on the cluster bridge)",
+            "an air-gapped cluster puts its nodes in network namespaces on the cluster bridge, \
+             which needs root",
+            &[("dig", "-v"), ("curl", "--version")],
+        )
+    {
+        return Some(why);
     }
-    if scenario.needs_kubeadm() {
-        if provisioner != kiln_provisioner::provision::process::NAME {
-            return Some(
-                "the kubeadm control plane is built on the process provisioner's bridge only"
-                    .to_owned(),
-            );
-        }
-        if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
-            return Some(
-                "the kubeadm control plane puts its nodes in network namespaces on the cluster \
-                 bridge, which needs root"
-                    .to_owned(),
-            );
-        }
-        for (tool, arg) in [("haproxy", "-v"), ("openssl", "version")] {
-            let ok = std::process::Command::new(tool)
-                .arg(arg)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Some(format!(
-                    "{tool} is not installed (scripts/install-deps installs it)"
-                ));
-            }
-        }
+    if scenario.needs_kubeadm()
+        && let Some(why) = process_bridge_with_tools(
+            &*p,
+            provisioner,
+            "the kubeadm control plane is built on the process provisioner's bridge only",
+            "the kubeadm control plane puts its nodes in network namespaces on the cluster \
+             bridge, which needs root",
+            &[("haproxy", "-v"), ("openssl", "version")],
+        )
+    {
+        return Some(why);
     }
     None
+}
+
+/// Why steps that put their own processes in network namespaces on the process provisioner's
+/// bridge cannot run: another provisioner (`elsewhere`), no bridge without root (`no_bridge`),
+/// or a missing tool (each `(tool, argument that makes it answer)`).
+fn process_bridge_with_tools(
+    p: &dyn kiln_provisioner::provision::Provisioner,
+    provisioner: &str,
+    elsewhere: &str,
+    no_bridge: &str,
+    tools: &[(&str, &str)],
+) -> Option<String> {
+    if provisioner != kiln_provisioner::provision::process::NAME {
+        return Some(elsewhere.to_owned());
+    }
+    if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
+        return Some(no_bridge.to_owned());
+    }
+    tools.iter().find_map(|(tool, arg)| {
+        let ok = std::process::Command::new(tool)
+            .arg(arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!ok).then(|| format!("{tool} is not installed (scripts/install-deps installs it)"))
+    })
 }
 
 /// Creates the scenario's cluster: its cluster file, then the run's provisioner, name and
