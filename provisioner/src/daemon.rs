@@ -290,6 +290,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Until the child has exec'd, its /proc cmdline is the forked copy of this test's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !processes_under(&a2).iter().any(|(p, _)| *p == pid)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(
             processes_under(&a).iter().all(|(p, _)| *p != pid),
             "a-2 is not under a"
