@@ -34,6 +34,9 @@ pub const ETCD: &str = "usr/bin/etcd";
 pub const ETCDCTL: &str = "usr/bin/etcdctl";
 /// The release description inside a slot (`VERSION_ID=...`).
 pub const OS_RELEASE: &str = "etc/os-release";
+/// A note machined leaves in the boot directory when it ends a boot on purpose (`rebooted`),
+/// for a bootloader that cannot see how the previous boot ended (a container's entrypoint).
+pub const LAST_END: &str = "last-end";
 
 /// One of the two slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

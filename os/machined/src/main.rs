@@ -19,6 +19,10 @@ fn main() {
             .map(str::to_owned)
             .or_else(|| (a == "--platform").then(|| args.get(i + 1).cloned().unwrap_or_default()))
     });
+    if platform.as_deref() == Some("container") {
+        // Plays the bootloader: may replace this process with a slot's machined.
+        kiln_machined::platform::container::bootloader(&args);
+    }
     let metal = platform.as_deref().is_none_or(|p| p == "metal");
     let cli = if kiln_machined::platform::metal::is_pid1() && metal {
         // The kernel started us as /init: become the machine's init, and run the node in the

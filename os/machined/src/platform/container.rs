@@ -2,14 +2,23 @@
 //! Docker container. Volumes are directories on Docker volumes mounted under the node's root;
 //! the address is whatever IPv4 address Docker gave the container, on whatever its interface
 //! is called; power is the exit code the container's restart policy acts on.
+//!
+//! A container has no bootloader, so its entrypoint plays one ([`bootloader`]): when the
+//! provisioner gives the node a boot directory (a Docker volume, named by `KILN_BOOT_DIR`),
+//! machined applies the A/B slot rules of [`kiln_os_api::slots`] at every start of the
+//! container and either goes on as the node image's own release or `exec`s the chosen slot's
+//! machined (still PID 1).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kiln_config::{MachineConfig, Mode};
 use kiln_os_api::contract::{EXIT_CONTAINER_SHUTDOWN, EXIT_REBOOT};
+use kiln_os_api::slots::{
+    BOOT_DIR_ENV, BOOT_SLOT_ENV, ETCD, ETCDCTL, LAST_END, MACHINED, SlotContent, SlotRecord,
+};
 use kiln_os_api::wait::{Poll, until};
 
 use super::{
@@ -115,9 +124,122 @@ impl Platform for ContainerPlatform {
     }
     fn power(&self, power: Power) -> i32 {
         match power {
-            Power::Reboot => EXIT_REBOOT,
+            Power::Reboot => {
+                // The next start's bootloader reads how this boot ended.
+                if let Some(dir) = std::env::var_os(BOOT_DIR_ENV) {
+                    let _ = std::fs::write(Path::new(&dir).join(LAST_END), "rebooted");
+                }
+                EXIT_REBOOT
+            }
             Power::Shutdown => EXIT_CONTAINER_SHUTDOWN,
         }
+    }
+}
+
+/// The release the node image carries (`/usr/bin/machined` and its etcd): what slot A holds
+/// on a node created without an installer.
+fn image_release() -> SlotContent {
+    SlotContent {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        source: "builtin".to_owned(),
+        builtin: true,
+    }
+}
+
+/// `args` (without the program) for a slot's machined: its own etcd and etcdctl instead of
+/// the node image's.
+fn slot_args(args: &[String], slot: &Path) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 4);
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match a.as_str() {
+            "--etcd-bin" | "--etcdctl-bin" => skip_value = true,
+            _ if a.starts_with("--etcd-bin=") || a.starts_with("--etcdctl-bin=") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    for (flag, file) in [("--etcd-bin", ETCD), ("--etcdctl-bin", ETCDCTL)] {
+        out.push(flag.to_owned());
+        out.push(slot.join(file).display().to_string());
+    }
+    out
+}
+
+/// The entrypoint's bootloader (see the module documentation): called first thing in `main`
+/// with the command line (program first), while the process has one thread. Does nothing
+/// when the node has no boot directory, or when the slot was already chosen (this is the
+/// chosen slot's machined). Otherwise chooses the slot and either returns (the node image's
+/// release boots: this process goes on) or replaces this process with the slot's machined.
+pub fn bootloader(args: &[String]) {
+    let Some(dir) = std::env::var_os(BOOT_DIR_ENV).map(PathBuf::from) else {
+        return;
+    };
+    if std::env::var_os(BOOT_SLOT_ENV).is_some() {
+        return;
+    }
+    let mut why = match std::fs::read_to_string(dir.join(LAST_END)) {
+        Ok(text) => {
+            let _ = std::fs::remove_file(dir.join(LAST_END));
+            text.trim().to_owned()
+        }
+        Err(_) => "the container stopped without a reboot: machined exited, crashed or was killed"
+            .to_owned(),
+    };
+    loop {
+        let mut record = match SlotRecord::load(&dir) {
+            Ok(r) => r.unwrap_or_else(|| SlotRecord::fresh(image_release())),
+            Err(e) => {
+                eprintln!("bootloader: {e}; booting the node image's release without slots");
+                return;
+            }
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let choice = record.choose(&why, now);
+        if let Err(e) = record.store(&dir) {
+            eprintln!("bootloader: {e}; booting the node image's release without slots");
+            return;
+        }
+        if let Some(failed) = &choice.fell_back {
+            eprintln!("bootloader: {}", failed.reason);
+        }
+        eprintln!(
+            "bootloader: booting slot {} ({})",
+            choice.slot,
+            choice
+                .content
+                .as_ref()
+                .map_or("empty", |c| c.version.as_str())
+        );
+        if choice.content.as_ref().is_none_or(|c| c.builtin) {
+            #[allow(unsafe_code)]
+            // SAFETY: called at the start of main, before any thread exists.
+            unsafe {
+                std::env::set_var(BOOT_SLOT_ENV, choice.slot.name());
+            }
+            return;
+        }
+        let slot = dir.join(choice.slot.name());
+        let program = slot.join(MACHINED);
+        use std::os::unix::process::CommandExt as _;
+        let err = std::process::Command::new(&program)
+            .args(slot_args(args.get(1..).unwrap_or_default(), &slot))
+            .env(BOOT_SLOT_ENV, choice.slot.name())
+            .exec();
+        if choice.slot == record.default {
+            eprintln!(
+                "bootloader: starting {} failed ({err}); booting the node image's release without slots",
+                program.display()
+            );
+            return;
+        }
+        // A new release that cannot even start counts as a failed boot: the next choice falls
+        // back to the default slot.
+        why = format!("starting its machined failed: {err}");
     }
 }
 
@@ -130,6 +252,35 @@ mod tests {
         let p = ContainerPlatform::new(PathBuf::from("/nonexistent"), Some("n".into()));
         assert_eq!(p.power(Power::Shutdown), 0);
         assert_ne!(p.power(Power::Reboot), 0);
+    }
+
+    #[test]
+    fn a_slot_machined_gets_the_slot_etcd_whatever_form_the_flags_had() {
+        let args: Vec<String> = [
+            "--platform",
+            "container",
+            "--etcd-bin",
+            "/usr/bin/etcd",
+            "--etcdctl-bin=/usr/bin/etcdctl",
+            "--hostname",
+            "cp-1",
+        ]
+        .map(str::to_owned)
+        .into();
+        let out = slot_args(&args, Path::new("/var/lib/kiln/boot/b"));
+        assert_eq!(
+            out,
+            [
+                "--platform",
+                "container",
+                "--hostname",
+                "cp-1",
+                "--etcd-bin",
+                "/var/lib/kiln/boot/b/usr/bin/etcd",
+                "--etcdctl-bin",
+                "/var/lib/kiln/boot/b/usr/bin/etcdctl"
+            ]
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //!
 //! Unit tests of the boot logic use [`fake::FakePlatform`].
 
-mod container;
+pub mod container;
 #[cfg(test)]
 pub mod fake;
 pub mod metal;

@@ -5,6 +5,12 @@
 //! `EXIT_CONTAINER_SHUTDOWN` (0) on power-off, so the container stays stopped, and with
 //! `EXIT_REBOOT` on reboot (or a crash), so Docker starts it again.
 //!
+//! A/B slots: a fourth volume is the node's boot directory (`KILN_BOOT_DIR`); the entrypoint
+//! plays the bootloader at every start of the container (machined's
+//! `platform::container::bootloader`), so upgrades and rollback work as on `process`. A
+//! cluster created with `--install-image` gets the release seeded into slot A of that volume
+//! (through the Engine's archive API) before the container first starts.
+//!
 //! Ownership: every container, network and volume carries the label [`CLUSTER_LABEL`] with the
 //! cluster's owner mark; `destroy` lists by that label (so it also finds what a create killed
 //! halfway made before saving the state) and removes nothing else. Node images are shared by
@@ -49,6 +55,9 @@ pub const CLUSTER_LABEL: &str = "dev.kiln.cluster";
 pub const NODE_LABEL: &str = "dev.kiln.node";
 /// Where the volumes are mounted in the container.
 const VOLUMES_ROOT: &str = kiln_image::rootfs::VOLUMES_ROOT;
+/// The node's volumes, by their directory under [`VOLUMES_ROOT`]: STATE, EPHEMERAL, META and
+/// the boot directory of the A/B slots.
+const VOLUMES: [&str; 4] = ["state", "ephemeral", "meta", "boot"];
 /// Seconds Docker waits after SIGTERM (graceful shutdown) before SIGKILL.
 const STOP_TIMEOUT: i64 = 30;
 /// Capabilities the node needs, by name (never `--privileged`): links and routes, mounts and
@@ -75,7 +84,7 @@ pub struct DockerNode {
     pub container: String,
     /// Network name.
     pub network: String,
-    /// Volume names: STATE, EPHEMERAL, META.
+    /// Volume names: STATE, EPHEMERAL, META and the boot directory.
     pub volumes: Vec<String>,
     /// CPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,7 +204,7 @@ impl Provisioner for DockerProvisioner {
                 )
             },
             pause: Ok(()),
-            slots: Err(format!("slots not implemented on {NAME} yet")),
+            slots: Ok(()),
         }
     }
 
@@ -207,10 +216,7 @@ impl Provisioner for DockerProvisioner {
             let container = container_name(dir, &n.name);
             let node = DockerNode {
                 host: host.clone(),
-                volumes: ["state", "ephemeral", "meta"]
-                    .iter()
-                    .map(|v| format!("{container}-{v}"))
-                    .collect(),
+                volumes: VOLUMES.iter().map(|v| format!("{container}-{v}")).collect(),
                 container,
                 network: network.clone(),
                 cpus: n
@@ -329,7 +335,7 @@ impl Provisioner for DockerProvisioner {
             (NODE_LABEL.to_owned(), node.to_owned()),
         ]);
         let mut mounts = Vec::new();
-        for (volume, dirname) in section.volumes.iter().zip(["state", "ephemeral", "meta"]) {
+        for (volume, dirname) in section.volumes.iter().zip(VOLUMES) {
             docker
                 .create_volume(VolumeCreateRequest {
                     name: Some(volume.clone()),
@@ -356,7 +362,11 @@ impl Provisioner for DockerProvisioner {
             cmd.push("--join-peer".into());
             cmd.push(p.address.to_string());
         }
+        let boot_dir = format!("{VOLUMES_ROOT}/boot");
         let mut env = vec![];
+        if section.volumes.len() == VOLUMES.len() {
+            env.push(format!("{}={boot_dir}", kiln_os_api::slots::BOOT_DIR_ENV));
+        }
         if me.inject_config {
             let config = std::fs::read(&me.config).map_err(|source| ProvisionError::Io {
                 path: me.config.clone(),
@@ -422,6 +432,35 @@ impl Provisioner for DockerProvisioner {
                 &host,
                 format!("creating container {}", section.container),
             ))?;
+        // `--install-image`: the release `create` put into the host's boot directory of the
+        // node goes into the container's boot volume before its first start.
+        let seeded = crate::install::boot_dir(dir, node);
+        if seeded.join(kiln_os_api::slots::RECORD).exists() {
+            let tar = tokio::task::spawn_blocking(move || tar_of(&seeded))
+                .await
+                .map_err(|e| ProvisionError::Io {
+                    path: crate::install::boot_dir(dir, node),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| ProvisionError::Io {
+                    path: crate::install::boot_dir(dir, node),
+                    source,
+                })?;
+            docker
+                .upload_to_container(
+                    &section.container,
+                    Some(bollard::query_parameters::UploadToContainerOptions {
+                        path: boot_dir.clone(),
+                        ..Default::default()
+                    }),
+                    bollard::body_full(tar.into()),
+                )
+                .await
+                .map_err(api(
+                    &host,
+                    format!("seeding the boot volume of {}", section.container),
+                ))?;
+        }
         docker
             .start_container(&section.container, None)
             .await
@@ -618,6 +657,14 @@ impl Provisioner for DockerProvisioner {
         let docker = engine::connect(&section.host).await.map_err(unavailable)?;
         status_of(&docker, &section.host, &section.container).await
     }
+}
+
+/// A tar of the directory `dir`'s contents (paths relative to it).
+fn tar_of(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", dir)?;
+    builder.into_inner()
 }
 
 /// Power state, pid, boots and link of a container.
