@@ -201,26 +201,34 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
         return Some(why);
     }
     if scenario.needs_airgap()
-        && let Some(why) = process_bridge_with_tools(
+        && let Some(why) = bridge_with_tools(
             &*p,
             provisioner,
-            "the air-gapped rehearsal is built on the process provisioner (nodes in network \
-             namespaces on the cluster bridge)",
+            &[kiln_provisioner::provision::process::NAME],
+            AIRGAP_ELSEWHERE,
             "an air-gapped cluster puts its nodes in network namespaces on the cluster bridge, \
              which needs root",
-            &[("dig", "-v"), ("curl", "--version")],
+            AIRGAP_TOOLS,
         )
     {
         return Some(why);
     }
     if scenario.needs_kubeadm()
-        && let Some(why) = process_bridge_with_tools(
+        && let Some(why) = bridge_with_tools(
             &*p,
             provisioner,
-            "the kubeadm control plane is built on the process provisioner's bridge only",
+            // Its legacy nodes are namespaces on the cluster's Linux bridge, which the process
+            // and docker provisioners make on this host; QEMU nodes would need it too, but a
+            // rehearsal of minutes under TCG is not worth CI's time yet.
+            &[
+                kiln_provisioner::provision::process::NAME,
+                kiln_provisioner::provision::docker::NAME,
+            ],
+            "the kubeadm control plane is built on a cluster bridge of the process or docker \
+             provisioner",
             "the kubeadm control plane puts its nodes in network namespaces on the cluster \
              bridge, which needs root",
-            &[("haproxy", "-v"), ("openssl", "version")],
+            KUBEADM_TOOLS,
         )
     {
         return Some(why);
@@ -228,22 +236,16 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
     None
 }
 
-/// Why steps that put their own processes in network namespaces on the process provisioner's
-/// bridge cannot run: another provisioner (`elsewhere`), no bridge without root (`no_bridge`),
-/// or a missing tool (each `(tool, argument that makes it answer)`).
-fn process_bridge_with_tools(
-    p: &dyn kiln_provisioner::provision::Provisioner,
-    provisioner: &str,
-    elsewhere: &str,
-    no_bridge: &str,
-    tools: &[(&str, &str)],
-) -> Option<String> {
-    if provisioner != kiln_provisioner::provision::process::NAME {
-        return Some(elsewhere.to_owned());
-    }
-    if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
-        return Some(no_bridge.to_owned());
-    }
+/// Why the air-gapped rehearsal does not run on a provisioner other than `process`.
+pub const AIRGAP_ELSEWHERE: &str = "the air-gapped rehearsal is built on the process provisioner \
+     (nodes in network namespaces on the cluster bridge)";
+/// The host tools the air-gapped rehearsal runs (each with an argument that makes it answer).
+pub const AIRGAP_TOOLS: &[(&str, &str)] = &[("dig", "-v"), ("curl", "--version")];
+/// The host tools the kubeadm rehearsal runs.
+pub const KUBEADM_TOOLS: &[(&str, &str)] = &[("haproxy", "-v"), ("openssl", "version")];
+
+/// The first of `tools` that is not installed, as a reason.
+pub fn missing_tool(tools: &[(&str, &str)]) -> Option<String> {
     tools.iter().find_map(|(tool, arg)| {
         let ok = std::process::Command::new(tool)
             .arg(arg)
@@ -253,6 +255,26 @@ fn process_bridge_with_tools(
             .is_ok_and(|s| s.success());
         (!ok).then(|| format!("{tool} is not installed (scripts/install-deps installs it)"))
     })
+}
+
+/// Why steps that put their own processes in network namespaces on the cluster's bridge
+/// cannot run: a provisioner not in `supported` (`elsewhere`), no bridge without root
+/// (`no_bridge`), or a missing tool (each `(tool, argument that makes it answer)`).
+fn bridge_with_tools(
+    p: &dyn kiln_provisioner::provision::Provisioner,
+    provisioner: &str,
+    supported: &[&str],
+    elsewhere: &str,
+    no_bridge: &str,
+    tools: &[(&str, &str)],
+) -> Option<String> {
+    if !supported.contains(&provisioner) {
+        return Some(elsewhere.to_owned());
+    }
+    if p.network_mode().ok() != Some(kiln_provisioner::state::NetworkMode::Bridge) {
+        return Some(no_bridge.to_owned());
+    }
+    missing_tool(tools)
 }
 
 /// Creates the scenario's cluster: its cluster file, then the run's provisioner, name and

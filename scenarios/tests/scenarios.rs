@@ -398,12 +398,19 @@ fn locate_kiln() -> Result<PathBuf, String> {
     }
 }
 
-/// Why the docker provisioner cannot run `scenario` at all, if it cannot: the upgrade
-/// scenarios need A/B slots, which it does not have yet, and the kubeadm control plane is built
-/// on the process provisioner's bridge only. (What needs root is the trial's tier.)
+/// Why the docker provisioner cannot run `scenario` at all, if it cannot: the air-gapped
+/// rehearsal is built on the process provisioner only, and the kubeadm rehearsal needs its
+/// host tools. (What needs root is the trial's tier.)
 fn docker_lacks(scenario: &Scenario) -> Option<String> {
-    if scenario.needs_kubeadm() || scenario.needs_airgap() {
-        return runner::unavailable(scenario, "docker");
+    // Asked before the harness's engine runs, so not through `runner::unavailable` (which
+    // asks the engine first).
+    if scenario.needs_airgap() {
+        return Some(runner::AIRGAP_ELSEWHERE.to_owned());
+    }
+    if scenario.needs_kubeadm()
+        && let Some(why) = runner::missing_tool(runner::KUBEADM_TOOLS)
+    {
+        return Some(why);
     }
     let docker = kiln_provisioner::provision::by_name("docker").ok()?;
     let caps = docker.capabilities(kiln_provisioner::state::NetworkMode::Bridge);
@@ -439,7 +446,7 @@ fn main() {
         for provisioner in PROVISIONERS {
             if provisioner == "docker" {
                 // The engine is the harness's own, started by the first docker trial; on it
-                // (as root) the provisioner supports every step but the upgrade ones.
+                // (as root) the provisioner supports every step, upgrades included.
                 if let Some(why) = docker_lacks(&scenario) {
                     if !args.list {
                         eprintln!("docker::{}: ignored: {why}", scenario.name);
