@@ -1,9 +1,9 @@
 //! The kubeadm migration rehearsal ("Migrating from Kubeadm"): a kubeadm-style control plane
 //! of legacy nodes running the real `etcd` with kubeadm's PKI layout, each in its own network
 //! namespace on the cluster bridge (the process provisioner's, or the Docker network's Linux
-//! bridge), behind a real HAProxy as the existing load balancer; and the guide's steps on it (`gen secrets --from-kubernetes-pki`, `gen config` with the load
-//! balancer as the endpoint, backends rewritten and HAProxy reloaded, a member removed and its
-//! node destroyed).
+//! bridge), behind a real HAProxy as the existing load balancer; and the guide's steps on it
+//! (`gen secrets --from-kubernetes-pki`, `gen config` with the load balancer as the endpoint,
+//! backends rewritten and HAProxy reloaded, a member removed and its node destroyed).
 //!
 //! No Kubernetes server binaries can be installed here (DESIGN.md), so HAProxy's frontend on
 //! the control-plane endpoint port (6443) balances etcd's client port of the nodes, and the
