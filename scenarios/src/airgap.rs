@@ -11,7 +11,6 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 use anyhow::{Context as _, bail, ensure};
-use kiln_provisioner::provision::process::{self, ProcessNode};
 
 use crate::cluster::ClusterHandle;
 use crate::step::NodeRef;
@@ -228,25 +227,27 @@ async fn in_node(
     program: &str,
     args: &[&str],
 ) -> anyhow::Result<Output> {
-    let state = h.node(node)?;
-    let netns = state
-        .provider_state::<ProcessNode>(process::NAME)
-        .and_then(|p| p.netns)
-        .with_context(|| {
-            format!("{node} has no network namespace (a process node in bridge mode)")
-        })?;
-    tokio::process::Command::new("ip")
-        .args(["netns", "exec", &netns, program])
+    let netns = h.net_namespace(node).await?;
+    tokio::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
-        .with_context(|| format!("running {program} in {netns}"))
+        .with_context(|| format!("running {program} in {}", netns.display()))
 }
 
 /// From `node`: the lab DNS refuses the outside name and the egress proxy denies a fetch of it.
 pub async fn request_outside(h: &ClusterHandle, node: NodeRef) -> anyhow::Result<String> {
     let gw = h.created.state.network.gateway.to_string();
+    // No way out but the lab's services: the node has no default route.
+    let routes = in_node(h, node, "ip", &["-4", "route", "show", "default"]).await?;
+    ensure!(
+        routes.status.success() && routes.stdout.iter().all(u8::is_ascii_whitespace),
+        "{node} has a default route in an air-gapped cluster: {}",
+        text(&routes)
+    );
     let dig = in_node(
         h,
         node,
@@ -283,5 +284,5 @@ pub async fn request_outside(h: &ClusterHandle, node: NodeRef) -> anyhow::Result
         "the egress proxy answered {code:?} for http://{OUTSIDE}/ (expected 403): {}",
         text(&curl)
     );
-    Ok(format!("DNS REFUSED, proxy {code}"))
+    Ok(format!("no default route, DNS REFUSED, proxy {code}"))
 }

@@ -155,6 +155,34 @@ impl ClusterHandle {
         Ok(status.boots)
     }
 
+    /// The network namespace of a node whose network is a namespace on this host: a process
+    /// node's named namespace, a docker node's container (through its PID 1). A QEMU node's
+    /// network is inside the guest.
+    pub async fn net_namespace(&self, r: NodeRef) -> anyhow::Result<std::path::PathBuf> {
+        use kiln_provisioner::provision::{docker, process};
+        let node = self.node(r)?;
+        match self.created.state.provisioner.as_str() {
+            process::NAME => node
+                .provider_state::<process::ProcessNode>(process::NAME)
+                .and_then(|p| p.netns)
+                .map(|ns| std::path::PathBuf::from(format!("/var/run/netns/{ns}")))
+                .with_context(|| {
+                    format!("{r} has no network namespace (a process node in bridge mode)")
+                }),
+            docker::NAME => {
+                let status = self
+                    .provisioner
+                    .status(&self.created.dir, &self.created.state, &node.name)
+                    .await?;
+                let pid = status
+                    .pid
+                    .with_context(|| format!("{r}'s container is not running"))?;
+                Ok(format!("/proc/{pid}/ns/net").into())
+            }
+            other => bail!("{r}'s network is not a namespace on this host ({other} node)"),
+        }
+    }
+
     async fn boots(&self, r: NodeRef) -> anyhow::Result<u32> {
         Ok(self
             .provisioner

@@ -204,7 +204,10 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
         && let Some(why) = bridge_with_tools(
             &*p,
             provisioner,
-            &[kiln_provisioner::provision::process::NAME],
+            &[
+                kiln_provisioner::provision::process::NAME,
+                kiln_provisioner::provision::docker::NAME,
+            ],
             AIRGAP_ELSEWHERE,
             "an air-gapped cluster puts its nodes in network namespaces on the cluster bridge, \
              which needs root",
@@ -236,9 +239,10 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
     None
 }
 
-/// Why the air-gapped rehearsal does not run on a provisioner other than `process`.
-pub const AIRGAP_ELSEWHERE: &str = "the air-gapped rehearsal is built on the process provisioner \
-     (nodes in network namespaces on the cluster bridge)";
+/// Why the air-gapped rehearsal does not run on a provisioner other than `process` and
+/// `docker`.
+pub const AIRGAP_ELSEWHERE: &str = "the air-gapped rehearsal checks nodes from their network \
+     namespace on this host (process and docker nodes), which a QEMU node's is not";
 /// The host tools the air-gapped rehearsal runs (each with an argument that makes it answer).
 pub const AIRGAP_TOOLS: &[(&str, &str)] = &[("dig", "-v"), ("curl", "--version")];
 /// The host tools the kubeadm rehearsal runs.

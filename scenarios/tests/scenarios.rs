@@ -398,14 +398,15 @@ fn locate_kiln() -> Result<PathBuf, String> {
     }
 }
 
-/// Why the docker provisioner cannot run `scenario` at all, if it cannot: the air-gapped
-/// rehearsal is built on the process provisioner only, and the kubeadm rehearsal needs its
-/// host tools. (What needs root is the trial's tier.)
+/// Why the docker provisioner cannot run `scenario` at all, if it cannot: the air-gapped and
+/// kubeadm rehearsals need their host tools. (What needs root is the trial's tier.)
 fn docker_lacks(scenario: &Scenario) -> Option<String> {
     // Asked before the harness's engine runs, so not through `runner::unavailable` (which
     // asks the engine first).
-    if scenario.needs_airgap() {
-        return Some(runner::AIRGAP_ELSEWHERE.to_owned());
+    if scenario.needs_airgap()
+        && let Some(why) = runner::missing_tool(runner::AIRGAP_TOOLS)
+    {
+        return Some(why);
     }
     if scenario.needs_kubeadm()
         && let Some(why) = runner::missing_tool(runner::KUBEADM_TOOLS)

@@ -29,6 +29,9 @@ pub const ROLE_IMPERSONATOR: &str = "os:impersonator";
 pub const CONFIG_DATA_ENV: &str = "KILN_CONFIG_DATA";
 /// Environment variable holding a path or http(s) URL of a machine configuration.
 pub const CONFIG_ENV: &str = "KILN_CONFIG";
+/// Environment variable a provisioner sets (`1`) on a container node of an air-gapped
+/// cluster: machined removes the default route the engine gave the container at every boot.
+pub const NO_DEFAULT_ROUTE_ENV: &str = "KILN_NO_DEFAULT_ROUTE";
 
 /// Volume labels.
 pub const LABEL_STATE: &str = "STATE";

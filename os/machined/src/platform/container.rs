@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kiln_config::{MachineConfig, Mode};
-use kiln_os_api::contract::{EXIT_CONTAINER_SHUTDOWN, EXIT_REBOOT};
+use kiln_os_api::contract::{EXIT_CONTAINER_SHUTDOWN, EXIT_REBOOT, NO_DEFAULT_ROUTE_ENV};
 use kiln_os_api::slots::{
     BOOT_DIR_ENV, BOOT_SLOT_ENV, ETCD, ETCDCTL, LAST_END, MACHINED, SlotContent, SlotRecord,
 };
@@ -92,7 +92,14 @@ impl Platform for ContainerPlatform {
         wipe_directory(&self.volumes, label)
     }
     async fn bring_up_network(&self) -> Result<(), PlatformError> {
-        // Docker set the interface up with its address before starting the entrypoint.
+        // Docker set the interface up with its address before starting the entrypoint. An
+        // air-gapped node has no route out: Docker 20.10 gives a container a default route
+        // even on an `--internal` network, and sets it again at every start.
+        if std::env::var_os(NO_DEFAULT_ROUTE_ENV).is_some_and(|v| v == "1") {
+            let handle = super::metal::net::connect()?;
+            let removed = super::metal::net::delete_default_routes_v4(&handle).await?;
+            tracing::info!(removed, "air-gapped: removed the default route");
+        }
         Ok(())
     }
     async fn address(&self) -> Result<IpAddr, PlatformError> {

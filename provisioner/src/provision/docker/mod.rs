@@ -283,6 +283,11 @@ impl Provisioner for DockerProvisioner {
             .create_network(NetworkCreateRequest {
                 name: network.clone(),
                 driver: Some("bridge".into()),
+                // Air-gapped: an engine that manages iptables drops what leaves the bridge and
+                // does not masquerade; machined removes the default route Docker still gives
+                // (`NO_DEFAULT_ROUTE_ENV`). The bridge keeps the gateway address, where the
+                // lab's DNS, proxy and registry listen.
+                internal: Some(state.network.airgapped),
                 ipam: Some(Ipam {
                     driver: Some("default".into()),
                     config: Some(vec![IpamConfig {
@@ -364,6 +369,9 @@ impl Provisioner for DockerProvisioner {
         }
         let boot_dir = format!("{VOLUMES_ROOT}/boot");
         let mut env = vec![];
+        if state.network.airgapped {
+            env.push(format!("{}=1", kiln_os_api::contract::NO_DEFAULT_ROUTE_ENV));
+        }
         if section.volumes.len() == VOLUMES.len() {
             env.push(format!("{}={boot_dir}", kiln_os_api::slots::BOOT_DIR_ENV));
         }

@@ -40,6 +40,31 @@ pub fn connect() -> Result<Handle, PlatformError> {
     Ok(handle)
 }
 
+/// Deletes every IPv4 default route of the main table; returns how many there were.
+pub async fn delete_default_routes_v4(handle: &Handle) -> Result<usize, PlatformError> {
+    const MAIN_TABLE: u8 = 254;
+    let mut defaults = Vec::new();
+    let mut stream = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(msg) = stream.try_next().await.map_err(net_err("listing routes"))? {
+        if msg.header.table == MAIN_TABLE && msg.header.destination_prefix_length == 0 {
+            defaults.push(msg);
+        }
+    }
+    let count = defaults.len();
+    for msg in defaults {
+        handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(net_err("deleting the default route"))?;
+    }
+    Ok(count)
+}
+
 /// A link the kernel knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
