@@ -119,8 +119,14 @@ impl Env {
 
     /// Runs `kiln ARGS`; a panic of kiln fails the test.
     pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_env(args, &[])
+    }
+
+    /// Runs `kiln ARGS` with extra environment variables; a panic of kiln fails the test.
+    pub fn kiln_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
+            .envs(vars.iter().copied())
             .env("HOME", &self.home)
             .env_remove("KILNCONFIG")
             .current_dir(&self.home)

@@ -220,15 +220,14 @@ pub fn unavailable(scenario: &Scenario, provisioner: &str) -> Option<String> {
         && let Some(why) = bridge_with_tools(
             &*p,
             provisioner,
-            // Its legacy nodes are namespaces on the cluster's Linux bridge, which the process
-            // and docker provisioners make on this host; QEMU nodes would need it too, but a
-            // rehearsal of minutes under TCG is not worth CI's time yet.
+            // Its legacy nodes are namespaces on the cluster's Linux bridge, which every
+            // provisioner makes on this host in bridge mode (QEMU nodes' taps are on it too).
             &[
                 kiln_provisioner::provision::process::NAME,
                 kiln_provisioner::provision::docker::NAME,
+                kiln_provisioner::provision::qemu::NAME,
             ],
-            "the kubeadm control plane is built on a cluster bridge of the process or docker \
-             provisioner",
+            "the kubeadm control plane is built on the cluster's Linux bridge",
             "the kubeadm control plane puts its nodes in network namespaces on the cluster \
              bridge, which needs root",
             KUBEADM_TOOLS,

@@ -34,6 +34,26 @@ pub const ETCD: &str = "usr/bin/etcd";
 pub const ETCDCTL: &str = "usr/bin/etcdctl";
 /// The release description inside a slot (`VERSION_ID=...`).
 pub const OS_RELEASE: &str = "etc/os-release";
+/// How long a new release has to reach Running (and etcd health) before its machined reboots
+/// back to the old slot.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+/// How long a launcher waits for a new release to confirm before it resets the node itself
+/// (a release that hangs before its machined's own timer can act): [`CONFIRM_TIMEOUT`] and a
+/// minute, unless this environment variable of the launcher says otherwise (seconds).
+pub const WATCHDOG_ENV: &str = "KILN_BOOT_WATCHDOG_SECS";
+
+/// The launcher's watchdog (see [`WATCHDOG_ENV`]).
+pub fn watchdog() -> std::time::Duration {
+    std::env::var(WATCHDOG_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(
+            CONFIRM_TIMEOUT + std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs,
+        )
+}
+
 /// A note machined leaves in the boot directory when it ends a boot on purpose (`rebooted`),
 /// for a bootloader that cannot see how the previous boot ended (a container's entrypoint).
 pub const LAST_END: &str = "last-end";

@@ -47,7 +47,7 @@ use crate::node::{Node, PowerRequest, Stage};
 use crate::platform::Power;
 
 /// How long a new release has to reach Running (and etcd health) before it reboots back.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(180);
+pub use kiln_os_api::slots::CONFIRM_TIMEOUT;
 
 /// The event id of upgrade steps (the client side follows it).
 pub use kiln_os_api::upgrade::EVENT_ID;

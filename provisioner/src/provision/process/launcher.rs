@@ -8,7 +8,9 @@
 //!
 //! It is also the node's bootloader: at every power-on it picks the boot slot from the node's
 //! slot record ([`crate::install::choose_slot`]: a new release boots once, then is permanent
-//! or falls back) and starts that slot's machined.
+//! or falls back) and starts that slot's machined. A new release that neither confirms nor
+//! exits within the watchdog ([`kiln_os_api::slots::watchdog`]) is reset, so the next
+//! power-on falls back: a release that hangs cannot keep a node away.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -281,6 +283,8 @@ struct Launcher {
     link_up: bool,
     /// How the last boot ended (for the slot record when a new release never confirmed).
     last_end: String,
+    /// When this boot, the one try of a new release, counts as hung if not confirmed.
+    watchdog: Option<tokio::time::Instant>,
 }
 
 impl Launcher {
@@ -357,11 +361,31 @@ impl Launcher {
         if let Some(pid) = child.id() {
             crate::daemon::write_pidfile(&self.dir.pidfile(&self.node.name), pid)?;
         }
+        self.watchdog = pending_confirmation(&boot)
+            .then(|| tokio::time::Instant::now() + kiln_os_api::slots::watchdog());
         self.child = Some(child);
         self.boots += 1;
         self.paused = false;
         self.off = false;
         Ok(())
+    }
+
+    /// The watchdog fired: resets the node if its new release still has not confirmed.
+    async fn watchdog_fired(&mut self) -> Result<(), LaunchError> {
+        self.watchdog = None;
+        let boot = crate::install::boot_dir(&self.dir, &self.node.name);
+        if self.child.is_none() || !pending_confirmation(&boot) {
+            return Ok(());
+        }
+        let secs = kiln_os_api::slots::watchdog().as_secs();
+        eprintln!(
+            "launcher: {}: the new release did not confirm within {secs} s; resetting the node",
+            self.node.name
+        );
+        self.hard_off().await;
+        self.last_end =
+            format!("it did not confirm within {secs} s: the launcher's watchdog reset it");
+        self.spawn()
     }
 
     fn signal_group(&self, sig: Signal) {
@@ -441,6 +465,14 @@ impl Launcher {
     }
 }
 
+/// Whether the boot directory's record says the booted slot is a new release on its one try.
+fn pending_confirmation(boot: &Path) -> bool {
+    kiln_os_api::slots::SlotRecord::load(boot)
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.pending_confirmation())
+}
+
 /// Makes the child enter the network namespace `ns` (if any) and die with the launcher.
 #[allow(unsafe_code)]
 fn prepare_child(cmd: &mut std::process::Command, ns: Option<std::fs::File>) {
@@ -491,6 +523,7 @@ pub async fn run(dir: PathBuf, node: String) -> Result<(), LaunchError> {
         boots: 0,
         link_up: true,
         last_end: "power-on".into(),
+        watchdog: None,
     };
     l.spawn()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -530,6 +563,12 @@ pub async fn run(dir: PathBuf, node: String) -> Result<(), LaunchError> {
                     }
                 }
             }
+            () = async {
+                match l.watchdog {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => l.watchdog_fired().await?,
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
                 let (r, mut w) = stream.into_split();
