@@ -60,6 +60,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../builtin/upgrade-staged.yaml"),
     ),
     (
+        "upgrade-staged-no-preserve.yaml",
+        include_str!("../builtin/upgrade-staged-no-preserve.yaml"),
+    ),
+    (
         "upgrade-quorum-refused.yaml",
         include_str!("../builtin/upgrade-quorum-refused.yaml"),
     ),

@@ -35,6 +35,8 @@ pub struct ClusterHandle {
     pub workload: Arc<Mutex<Workload>>,
     /// What the last `etcdStatus` step saw: (node, DB size, in use).
     pub db_sizes: Vec<(String, i64, i64)>,
+    /// The etcd member ids by host name, as `rememberMembers` saw them.
+    pub remembered_members: Option<std::collections::BTreeMap<String, u64>>,
     writer: Option<(
         tokio::task::JoinHandle<()>,
         tokio::sync::watch::Sender<bool>,
@@ -72,6 +74,7 @@ impl ClusterHandle {
             writer: None,
             releases: None,
             kubeadm: None,
+            remembered_members: None,
         })
     }
 

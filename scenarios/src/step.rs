@@ -201,6 +201,11 @@ pub enum Step {
     },
     /// etcd has this many voting members, on every control-plane node that is up.
     AssertMembers(usize),
+    /// Remember the etcd member id of every node, for `assertRejoined`.
+    RememberMembers,
+    /// The node is an etcd member again under a new member id (it left and rejoined), and every
+    /// other remembered member kept its id.
+    AssertRejoined(NodeRef),
     /// Writes are acknowledged: `count` new writes all succeed.
     AssertWritable {
         /// How many.
@@ -371,6 +376,10 @@ impl Step {
                 format!("wait for health (up to {}s)", timeout.as_secs())
             }
             Self::AssertMembers(n) => format!("assert {n} voting etcd members"),
+            Self::RememberMembers => "remember the etcd member ids".into(),
+            Self::AssertRejoined(n) => {
+                format!("assert {n} rejoined etcd as a new member, the others unchanged")
+            }
             Self::AssertWritable { count } => format!("assert writable ({count} writes)"),
             Self::AssertApiThroughLoadBalancer { count } => {
                 format!("assert the OS API answers through the load balancer ({count} calls)")
@@ -486,6 +495,7 @@ impl Step {
             | Self::ApplyConfigInsecure(n)
             | Self::ExpectEtcdUnhealthy(n)
             | Self::AssertCaughtUp(n)
+            | Self::AssertRejoined(n)
             | Self::AssertRunning(n)
             | Self::UpgradeFromLabRegistry(n)
             | Self::RequestOutside(n)
@@ -495,6 +505,7 @@ impl Step {
             | Self::StopWriter
             | Self::WaitHealthy { .. }
             | Self::AssertMembers(_)
+            | Self::RememberMembers
             | Self::AssertWritable { .. }
             | Self::AssertApiThroughLoadBalancer { .. }
             | Self::AssertNoLostWrites

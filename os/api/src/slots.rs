@@ -124,6 +124,10 @@ pub struct NextBoot {
     pub slot: Slot,
     /// Boots left before it counts as failed.
     pub tries_left: u32,
+    /// Staged without `--preserve`: when machined reboots the node into this slot it first
+    /// leaves etcd (a control-plane node) and wipes EPHEMERAL.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leave_at_reboot: bool,
 }
 
 /// A boot of a new release that never confirmed.
@@ -241,6 +245,7 @@ impl SlotRecord {
                 self.next = Some(NextBoot {
                     slot: next.slot,
                     tries_left: next.tries_left - 1,
+                    leave_at_reboot: next.leave_at_reboot,
                 });
                 self.booted = next.slot;
             }
@@ -287,7 +292,17 @@ impl SlotRecord {
         self.next = Some(NextBoot {
             slot,
             tries_left: 1,
+            leave_at_reboot: false,
         });
+    }
+
+    /// The staged slot whose reboot must first leave etcd and wipe EPHEMERAL, if one is
+    /// waiting for its boot.
+    pub fn leave_at_reboot(&self) -> Option<Slot> {
+        self.next
+            .as_ref()
+            .filter(|n| n.leave_at_reboot && n.tries_left > 0)
+            .map(|n| n.slot)
     }
 
     /// Whether this boot is the one try of a new release, not yet confirmed.
@@ -438,5 +453,31 @@ mod tests {
         let text = "NAME=\"Kiln OS\"\nID=kiln\nVERSION_ID=\"0.2.0\"\n";
         assert_eq!(os_release_version(text).as_deref(), Some("0.2.0"));
         assert_eq!(os_release_version("ID=kiln\n"), None);
+    }
+
+    #[test]
+    fn a_slot_staged_without_preserve_asks_to_leave_only_before_its_boot() {
+        let mut r = SlotRecord::fresh(content("1"));
+        r.boot_once(Slot::B, content("2"));
+        assert_eq!(
+            r.leave_at_reboot(),
+            None,
+            "an unstaged boot-once leaves nothing"
+        );
+        r.next.as_mut().unwrap().leave_at_reboot = true;
+        assert_eq!(r.leave_at_reboot(), Some(Slot::B));
+        let back = serde_json::from_slice::<SlotRecord>(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r, "the mark survives the record file");
+        let choice = r.choose("rebooted", 0);
+        assert_eq!(choice.slot, Slot::B);
+        assert_eq!(
+            r.leave_at_reboot(),
+            None,
+            "booted: nothing is left to do before it"
+        );
+        assert!(
+            r.next.as_ref().unwrap().leave_at_reboot,
+            "machined still sees the mark"
+        );
     }
 }

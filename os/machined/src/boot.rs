@@ -660,7 +660,18 @@ async fn maintenance(
     Ok(())
 }
 
-async fn finish(node: &Node, servers: Vec<ServerHandle>, request: PowerRequest) -> Power {
+async fn finish(node: &Node, servers: Vec<ServerHandle>, mut request: PowerRequest) -> Power {
+    // A release staged without --preserve: leave etcd (still running) and wipe EPHEMERAL now.
+    // A reset that wipes EPHEMERAL has left etcd already.
+    if !request
+        .wipe
+        .iter()
+        .any(|l| l == kiln_os_api::contract::LABEL_EPHEMERAL)
+    {
+        request
+            .wipe
+            .extend(crate::upgrade::before_reboot(node).await);
+    }
     node.set_stage(match request.power {
         Power::Reboot => Stage::Rebooting,
         Power::Shutdown => Stage::ShuttingDown,

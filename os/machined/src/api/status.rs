@@ -109,9 +109,9 @@ impl From<ApiError> for Status {
             ApiError::Etcd(EtcdOpError::NotRunning(_)) => Status::failed_precondition(msg),
             ApiError::Etcd(EtcdOpError::Certificates(_)) => Status::internal(msg),
             ApiError::Etcd(EtcdOpError::Etcd { .. }) => Status::unavailable(msg),
-            ApiError::Upgrade(
-                UpgradeError::InvalidReference { .. } | UpgradeError::StageWithoutPreserve,
-            ) => Status::invalid_argument(msg),
+            ApiError::Upgrade(UpgradeError::InvalidReference { .. }) => {
+                Status::invalid_argument(msg)
+            }
             ApiError::Upgrade(
                 UpgradeError::NoSlots
                 | UpgradeError::InProgress

@@ -19,10 +19,15 @@
 //! (slot directories and a record the node launcher reads, see [`kiln_os_api::slots`]); `metal`
 //! plugs in its BOOT-A/BOOT-B implementation. The lease and quorum rules are in [`lease`].
 //!
+//! `stage` without `preserve` marks the staged slot so that the reboot machined performs into
+//! it ([`before_reboot`]) first leaves etcd and wipes EPHEMERAL, as an unstaged upgrade does
+//! before its own reboot.
+//!
 //! # Limitations
 //!
-//! - `stage` without `preserve` is refused: leaving etcd and wiping EPHEMERAL happen at the
-//!   moment of the reboot, and a staged upgrade does not own that moment.
+//! - A node staged without `preserve` that does not reboot through machined (a reset, a
+//!   crash, a power cut) boots the new release keeping its etcd membership and EPHEMERAL, and
+//!   says so in its events.
 //! - Kubernetes cordon and drain are not done (Kiln runs no Kubernetes workloads).
 
 pub mod lease;
@@ -97,11 +102,6 @@ pub enum UpgradeError {
         /// Every member and its health.
         members: String,
     },
-    /// `--stage` without `--preserve`.
-    #[error(
-        "--stage needs --preserve: leaving etcd and wiping EPHEMERAL happen when the node reboots, which a staged upgrade does not control"
-    )]
-    StageWithoutPreserve,
     /// etcd could not be used for the lease or the quorum check.
     #[error("etcd: {0}")]
     Etcd(String),
@@ -243,9 +243,6 @@ fn event(node: &Node, state: &str, message: impl Into<String>) {
 /// the background. Returns the version pulled.
 pub async fn start(node: Arc<Node>, req: UpgradeRequest) -> Result<String, UpgradeError> {
     let slots = slots().ok_or(UpgradeError::NoSlots)?;
-    if req.stage && !req.preserve {
-        return Err(UpgradeError::StageWithoutPreserve);
-    }
     let stage = node.stage();
     if stage != Stage::Running {
         return Err(UpgradeError::NotRunning {
@@ -425,14 +422,27 @@ async fn proceed(
             builtin: false,
         },
     );
+    if req.stage
+        && !req.preserve
+        && let Some(next) = record.next.as_mut()
+    {
+        next.leave_at_reboot = true;
+    }
     slots.store(&record)?;
     if req.stage {
         event(
             node,
             "staged",
             format!(
-                "release {} is staged in slot {target}: it boots once at the next reboot",
-                pulled.version
+                "release {} is staged in slot {target}: it boots once at the next reboot{}",
+                pulled.version,
+                if req.preserve {
+                    ""
+                } else if cp {
+                    ", which first leaves etcd and wipes EPHEMERAL"
+                } else {
+                    ", which first wipes EPHEMERAL"
+                }
             ),
         );
         if cp {
@@ -468,6 +478,58 @@ async fn proceed(
     })
     .await;
     Ok(())
+}
+
+/// Called when machined ends a boot on purpose (reboot or power-off), with etcd still
+/// running: a release staged without `--preserve` leaves etcd now (a control-plane node whose
+/// leaving keeps quorum) and has EPHEMERAL wiped, as an unstaged upgrade does before its
+/// reboot. Returns the volumes to wipe. The mark is cleared first, so this happens once.
+pub async fn before_reboot(node: &Node) -> Vec<String> {
+    let Some(slots) = slots() else {
+        return Vec::new();
+    };
+    let Ok(mut record) = slots.record() else {
+        return Vec::new();
+    };
+    let Some(target) = record.leave_at_reboot() else {
+        return Vec::new();
+    };
+    if let Some(next) = record.next.as_mut() {
+        next.leave_at_reboot = false;
+    }
+    if let Err(e) = slots.store(&record) {
+        event(node, "failed", format!("updating the slot record: {e}"));
+        return Vec::new();
+    }
+    let keep = |why: String| {
+        event(
+            node,
+            "leaving",
+            format!(
+                "the release staged in slot {target} boots keeping the etcd membership and EPHEMERAL: {why}"
+            ),
+        );
+        Vec::new()
+    };
+    if is_control_plane(node) && crate::etcd::has_data(node) {
+        if let Err(e) = lease::check_quorum(node, false).await {
+            return keep(e.to_string());
+        }
+        event(
+            node,
+            "leaving",
+            "leaving the etcd cluster before booting the staged release (staged without --preserve)",
+        );
+        if let Err(e) = lease::leave_etcd(node).await {
+            return keep(format!("leaving etcd failed: {e}"));
+        }
+    }
+    event(
+        node,
+        "rebooting",
+        format!("wiping EPHEMERAL before booting the staged release in slot {target}"),
+    );
+    vec![kiln_os_api::contract::LABEL_EPHEMERAL.to_owned()]
 }
 
 /// `rollback`: makes the other slot the default and reboots.
@@ -526,6 +588,14 @@ pub async fn after_boot(node: Arc<Node>) {
         let _ = slots.store(&record);
     }
     let pending = record.pending_confirmation();
+    if pending && record.next.as_ref().is_some_and(|n| n.leave_at_reboot) {
+        event(
+            &node,
+            "booted",
+            "this release was staged without --preserve, but the node did not reboot through \
+             machined (a reset, crash or power cut): it kept its etcd membership and EPHEMERAL",
+        );
+    }
     if pending {
         event(
             &node,
