@@ -341,7 +341,8 @@ async fn create(
     }
     match scenario.release {
         Some(release) => {
-            let releases = crate::upgrade::publish().await?;
+            let metal = create.provisioner == kiln_provisioner::provision::qemu::NAME;
+            let releases = crate::upgrade::publish(metal).await?;
             crate::upgrade::create_on(create, releases, release).await
         }
         None => ClusterHandle::create(&create, &Progress::plain()).await,

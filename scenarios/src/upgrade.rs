@@ -84,8 +84,10 @@ pub(crate) async fn kiln(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Starts the registry and builds and pushes the three releases.
-pub async fn publish() -> anyhow::Result<Releases> {
+/// Starts the registry and builds and pushes the three releases: installers of machined and
+/// etcd (`kiln image installer`), or, for `metal` nodes (`qemu`), with the kernel and an
+/// initramfs whose `/init` is the release's machined (`kiln image build --push`).
+pub async fn publish(metal: bool) -> anyhow::Result<Releases> {
     let dir = tempfile::Builder::new()
         .prefix("kiln-upgrade-releases")
         .tempdir()?;
@@ -138,7 +140,7 @@ pub async fn publish() -> anyhow::Result<Releases> {
         let out = releases._dir.path().join(version);
         let mut args = vec![
             "image",
-            "installer",
+            if metal { "build" } else { "installer" },
             "--image-version",
             version.as_str(),
             "--push",
@@ -148,6 +150,10 @@ pub async fn publish() -> anyhow::Result<Releases> {
         ];
         let out = out.to_string_lossy().into_owned();
         args.push(&out);
+        if metal {
+            // The installer only: nodes boot its kernel and initramfs from their slot.
+            args.push("--no-disk");
+        }
         if let Some(init) = init {
             args.extend(["--init", init]);
         }

@@ -34,6 +34,14 @@ pub const ETCD: &str = "usr/bin/etcd";
 pub const ETCDCTL: &str = "usr/bin/etcdctl";
 /// The release description inside a slot (`VERSION_ID=...`).
 pub const OS_RELEASE: &str = "etc/os-release";
+/// Kernel argument a metal node's launcher adds with the slot it booted (`kiln.slot=b`).
+pub const SLOT_ARG: &str = "kiln.slot";
+/// The serial of the virtio disk holding a metal node's slots (the qemu launcher's boot disk:
+/// a FAT file system with the layout of a boot directory).
+pub const BOOT_DISK_SERIAL: &str = "kiln-boot";
+/// Where machined mounts that disk (not under `/run/kiln`, which every boot empties).
+pub const BOOT_MOUNT: &str = "/boot";
+
 /// How long a new release has to reach Running (and etcd health) before its machined reboots
 /// back to the old slot.
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);

@@ -19,6 +19,11 @@ pub const NODE_MODULES: &[&str] = &[
     "sch_netem",
     // machined reads the power button through evdev.
     "evdev",
+    // The boot disk of the A/B slots (FAT, codepage 437, ASCII names).
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_utf8",
 ];
 
 /// Why the module set could not be resolved.

@@ -76,6 +76,8 @@ pub struct NodeLaunch {
     pub boot: Boot,
     /// The raw disk image (a virtio disk), if any.
     pub disk: Option<PathBuf>,
+    /// The boot disk of the A/B slots (a second virtio disk, see [`super::bootdisk`]), if any.
+    pub boot_disk: Option<PathBuf>,
     /// NICs.
     pub nics: Vec<Nic>,
     /// File the serial console is appended to (`<node>.log`).
@@ -162,6 +164,18 @@ impl NodeLaunch {
             a.push("-device".into());
             a.push("virtio-blk-pci,drive=disk0,bootindex=1".into());
         }
+        if let Some(boot) = &self.boot_disk {
+            a.push("-drive".into());
+            a.push(drive_arg("if=none,id=boot0,format=raw", boot));
+            a.push("-device".into());
+            a.push(
+                format!(
+                    "virtio-blk-pci,drive=boot0,serial={}",
+                    super::bootdisk::BOOT_DISK_SERIAL
+                )
+                .into(),
+            );
+        }
         for (i, nic) in self.nics.iter().enumerate() {
             a.push("-netdev".into());
             a.push(format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap).into());
@@ -228,6 +242,7 @@ mod tests {
             accel: Accel::Tcg,
             boot,
             disk: Some("/state/cp-1.raw".into()),
+            boot_disk: None,
             nics: vec![Nic {
                 tap: "kiln-tap0".into(),
                 mac: "52:54:00:00:00:02".into(),

@@ -10,6 +10,11 @@
 //! QEMU runs with `-no-reboot`, so a guest reboot ends it; a second QMP socket reports the
 //! `SHUTDOWN` event's reason, and the launcher starts QEMU again after a reboot (reading the
 //! kernel and initramfs anew: the guides' development loop) and stays off after a power-off.
+//!
+//! With direct kernel boot the launcher is also the node's bootloader: at every power-on it
+//! picks the slot from the node's boot disk ([`super::bootdisk`]) and boots that slot's kernel
+//! and initramfs (the image's for the built-in release), naming the slot on the kernel command
+//! line.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -158,10 +163,17 @@ struct Launcher {
     off: bool,
     boots: u32,
     link_up: bool,
+    /// How the last boot ended (for the slot record when a new release never confirmed).
+    last_end: String,
 }
 
 impl Launcher {
-    fn launch(&self) -> Result<NodeLaunch, LaunchError> {
+    /// The node's boot disk, when it has slots (direct kernel boot).
+    fn boot_disk(&self) -> Option<PathBuf> {
+        (!self.qemu.options.uefi).then(|| super::bootdisk::path(&self.dir, &self.node.name))
+    }
+
+    fn launch(&self, slot: Option<&super::bootdisk::Booted>) -> Result<NodeLaunch, LaunchError> {
         let o = &self.qemu.options;
         let boot = if o.uefi {
             let vars = self.dir.dir.join(format!("{}.vars.fd", self.node.name));
@@ -181,12 +193,16 @@ impl Launcher {
             if !self.peers.is_empty() {
                 extra.push_str(&format!("{}={} ", PEERS_ARG, self.peers.join(",")));
             }
+            if let Some(slot) = slot {
+                extra.push_str(&slot.cmdline_arg());
+                extra.push(' ');
+            }
             extra.push_str(&o.extra_cmdline);
-            // The development loop: a rebuilt image is what the next boot runs.
-            let (kernel, initrd) = o
-                .image_store
-                .as_deref()
-                .and_then(super::newest_image)
+            // The development loop: a rebuilt image is what the next boot runs, unless the
+            // slot holds a release of its own.
+            let (kernel, initrd) = slot
+                .and_then(|s| s.files.clone())
+                .or_else(|| o.image_store.as_deref().and_then(super::newest_image))
                 .unwrap_or_else(|| (o.kernel.clone(), o.initrd.clone()));
             Boot::Direct {
                 kernel,
@@ -207,6 +223,7 @@ impl Launcher {
             accel: self.accel,
             boot,
             disk: Some(self.qemu.disk.clone()),
+            boot_disk: slot.and(self.boot_disk()),
             nics: self.qemu.nics(),
             console_log: self.dir.log(&self.node.name),
             qmp_socket: qmp_socket(&self.dir, &self.node.name),
@@ -215,7 +232,29 @@ impl Launcher {
     }
 
     fn spawn(&mut self) -> Result<(), LaunchError> {
-        let launch = self.launch()?;
+        let slot = match self.boot_disk() {
+            Some(disk) => {
+                let scratch = self.dir.node_root(&self.node.name).join("boot-kernels");
+                let booted = super::bootdisk::choose(&disk, &scratch, &self.last_end)
+                    .map_err(|e| io("choosing the boot slot")(std::io::Error::other(e)))?;
+                if let Some(failed) = &booted.choice.fell_back {
+                    eprintln!("launcher: {}: {}", self.node.name, failed.reason);
+                }
+                eprintln!(
+                    "launcher: {} boots slot {} ({})",
+                    self.node.name,
+                    booted.choice.slot,
+                    booted
+                        .choice
+                        .content
+                        .as_ref()
+                        .map_or("empty", |c| c.version.as_str())
+                );
+                Some(booted)
+            }
+            None => None,
+        };
+        let launch = self.launch(slot.as_ref())?;
         let events = qmp_events_socket(&self.dir, &self.node.name);
         for s in [&launch.qmp_socket, &launch.monitor_socket, &events] {
             let _ = std::fs::remove_file(s);
@@ -320,6 +359,7 @@ impl Launcher {
             }
             Command::Reset => {
                 self.hard_off().await;
+                self.last_end = "reset".to_owned();
                 self.spawn().map_err(|e| e.to_string())?;
             }
             Command::Pause => {
@@ -454,7 +494,13 @@ pub async fn run(dir: PathBuf, node: String) -> Result<(), LaunchError> {
         off: false,
         boots: 0,
         link_up: true,
+        last_end: "power-on".to_owned(),
     };
+    if let Some(disk) = l.boot_disk() {
+        let seed = crate::install::boot_dir(&l.dir, &l.node.name);
+        super::bootdisk::ensure(&disk, &seed)
+            .map_err(|e| io("making the boot disk")(std::io::Error::other(e)))?;
+    }
     l.spawn()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("handling SIGTERM"))?;
@@ -476,6 +522,11 @@ pub async fn run(dir: PathBuf, node: String) -> Result<(), LaunchError> {
                     if why.is_some() { break; }
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
+                l.last_end = match why {
+                    Some(Stopped::PowerOff) => "it powered off".to_owned(),
+                    Some(Stopped::Reboot) => "the guest reset (a reboot or a kernel panic)".to_owned(),
+                    None => format!("QEMU stopped unexpectedly ({status:?})"),
+                };
                 match why {
                     Some(Stopped::PowerOff) => {
                         eprintln!("launcher: {} powered off", l.node.name);

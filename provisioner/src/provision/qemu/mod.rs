@@ -13,6 +13,7 @@
 //! deleted only while they do; QEMU processes are found by pid file and start time.
 
 pub mod accel;
+pub mod bootdisk;
 pub mod launch;
 pub mod launcher;
 pub mod qmp;
@@ -285,7 +286,14 @@ impl Provisioner for QemuProvisioner {
         Capabilities {
             link_faults: Ok(()),
             pause: Ok(()),
-            slots: Err(format!("slots not implemented on {NAME} yet")),
+            slots: if self.options.uefi {
+                Err(format!(
+                    "{NAME} nodes booted through UEFI (--with-uefi) have no slots yet: the \
+                     launcher is their bootloader only with direct kernel boot"
+                ))
+            } else {
+                Ok(())
+            },
         }
     }
 

@@ -66,6 +66,7 @@ pub fn pid1() -> Vec<String> {
         )),
         Err(e) => say(&format!("loading kernel modules: {e}")),
     }
+    mount_boot_slots();
     loop {
         // SAFETY (fork): PID 1 has started no thread at this point (no runtime, no logging
         // thread), so the child may do anything.
@@ -82,6 +83,70 @@ pub fn pid1() -> Vec<String> {
                 std::thread::sleep(CRASH_PAUSE);
             }
         }
+    }
+}
+
+/// With `kiln.slot=` on the kernel command line (the launcher played the bootloader), mounts
+/// the boot disk (the virtio disk with serial [`BOOT_DISK_SERIAL`]) at [`BOOT_MOUNT`] and tells
+/// machined where its slots are and which one booted (`KILN_BOOT_DIR`, `KILN_BOOT_SLOT`).
+/// Without a boot disk the node runs without slots: upgrades are refused and say why.
+fn mount_boot_slots() {
+    use kiln_os_api::slots::{
+        BOOT_DIR_ENV, BOOT_DISK_SERIAL, BOOT_MOUNT, BOOT_SLOT_ENV, SLOT_ARG, Slot,
+    };
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(slot) = cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix(SLOT_ARG)?.strip_prefix('='))
+        .and_then(Slot::parse)
+    else {
+        return;
+    };
+    // The disk shows up once virtio_blk has probed it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let device = loop {
+        let found = std::fs::read_dir("/sys/block").ok().and_then(|dir| {
+            dir.flatten().find_map(|e| {
+                let serial = std::fs::read_to_string(e.path().join("serial")).ok()?;
+                (serial.trim() == BOOT_DISK_SERIAL)
+                    .then(|| format!("/dev/{}", e.file_name().to_string_lossy()))
+            })
+        });
+        match found {
+            Some(d) if Path::new(&d).exists() => break Some(d),
+            _ if Instant::now() >= deadline => break None,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let Some(device) = device else {
+        say(&format!(
+            "{SLOT_ARG}={} but no disk with serial {BOOT_DISK_SERIAL}: running without slots",
+            slot.name()
+        ));
+        return;
+    };
+    let _ = std::fs::create_dir_all(BOOT_MOUNT);
+    // `quiet`: the installer's file modes cannot be kept on FAT, and that is no error.
+    if let Err(e) = mount(
+        Some(device.as_str()),
+        BOOT_MOUNT,
+        Some("vfat"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("quiet"),
+    ) {
+        say(&format!(
+            "mounting the boot disk {device} at {BOOT_MOUNT}: {e}; running without slots"
+        ));
+        return;
+    }
+    say(&format!(
+        "boot slots on {device} at {BOOT_MOUNT}; booted slot {slot}"
+    ));
+    // SAFETY: single-threaded here (see `pid1`), so no concurrent reader of the environment.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var(BOOT_DIR_ENV, BOOT_MOUNT);
+        std::env::set_var(BOOT_SLOT_ENV, slot.name());
     }
 }
 
