@@ -142,6 +142,7 @@ fn boot(dir: &std::path::Path, boot: Boot, disk: Option<PathBuf>) -> anyhow::Res
         accel: Accel::Tcg,
         boot,
         disk,
+        boot_disk: None,
         nics: vec![],
         console_log: dir.join("console.log"),
         qmp_socket: dir.join("qmp.sock"),
