@@ -280,6 +280,7 @@ impl Guest {
             accel: Accel::Tcg,
             boot,
             disk,
+            boot_disk: None,
             nics: vec![],
             console_log: dir.path().join("console.log"),
             qmp_socket: dir.path().join("qmp.sock"),
