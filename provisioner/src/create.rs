@@ -304,7 +304,7 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
     {
         // Nodes without A/B slots would ignore the installer and boot the built-in release.
         return Err(CreateError::Invalid(format!(
-            "--install-image needs A/B slots: {why}; use --provisioner process"
+            "--install-image needs A/B slots: {why}; boot the kernel directly (no --with-uefi), or use --provisioner process or docker"
         )));
     }
     let dir = StateDir::new(&opts.state_base, name);

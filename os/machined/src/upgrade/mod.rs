@@ -15,9 +15,10 @@
 //!
 //! # Design
 //!
-//! The slots are behind [`BootSlots`]: [`DirectorySlots`] serves `process` and `container`
-//! (slot directories and a record the node launcher reads, see [`kiln_os_api::slots`]); `metal`
-//! plugs in its BOOT-A/BOOT-B implementation. The lease and quorum rules are in [`lease`].
+//! The slots are behind [`BootSlots`]: [`DirectorySlots`] serves every platform (slot
+//! directories and a record the node launcher reads, see [`kiln_os_api::slots`]; on `metal`
+//! the directory is the qemu launcher's boot disk, mounted by PID 1); a BOOT-A/BOOT-B
+//! implementation for systemd-boot would plug in beside it. The lease and quorum rules are in [`lease`].
 //!
 //! `stage` without `preserve` marks the staged slot so that the reboot machined performs into
 //! it ([`before_reboot`]) first leaves etcd and wipes EPHEMERAL, as an unstaged upgrade does
