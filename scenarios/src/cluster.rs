@@ -297,7 +297,9 @@ impl ClusterHandle {
                     .unwrap_or_else(|e| e.into_inner())
                     .next_key();
                 let result = match &through_lb {
-                    Some((endpoint, options)) => put_through(endpoint, options, &key).await,
+                    Some((endpoint, options, deadline)) => {
+                        put_through(endpoint, options, *deadline, &key).await
+                    }
                     None => {
                         if workload::put(&mut clients, &key, Duration::from_secs(2)).await {
                             Ok(())
@@ -706,10 +708,12 @@ pub fn node_error<'a>(mds: impl Iterator<Item = Option<&'a pb::Metadata>>) -> an
 /// One write of the background writer through a load balancer, on a new connection as a
 /// client behind it would make. When etcd itself answers with an error (a leader change while
 /// a member is removed or leadership moves), the endpoint was up: the put is sent once more,
-/// as etcd's clients do. A connection that cannot be made, or no answer within 3 s, fails.
+/// as etcd's clients do. A connection that cannot be made, or no answer within `deadline`
+/// (3 s; more for QEMU nodes), fails.
 async fn put_through(
     endpoint: &str,
     options: &etcd_client::ConnectOptions,
+    deadline: Duration,
     key: &str,
 ) -> Result<(), String> {
     let attempt = async {
@@ -726,7 +730,10 @@ async fn put_through(
             Err(e) => Err(e.to_string()),
         }
     };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer through {endpoint} within 3s")))
+    tokio::time::timeout(deadline, attempt).await.unwrap_or_else(|_| {
+        Err(format!(
+            "no answer through {endpoint} within {}s",
+            deadline.as_secs()
+        ))
+    })
 }

@@ -100,6 +100,9 @@ pub struct Legacy {
     mark: String,
     /// The apiserver-etcd-client certificate and key (PEM) and the etcd CA, for clients.
     client: (String, String, String),
+    /// How long one etcd request through HAProxy may take: 3 s, 12 s for QEMU nodes (TCG
+    /// guests joining and leaving answer slowly while the host is busy).
+    deadline: Duration,
     /// Output of `gen secrets` and `gen config`, once run.
     pub secrets: Option<PathBuf>,
     /// `gen config`'s output directory, once run.
@@ -428,7 +431,13 @@ impl Legacy {
                 }
             })
             .collect();
+        let deadline = if state.provisioner == kiln_provisioner::provision::qemu::NAME {
+            Duration::from_secs(12)
+        } else {
+            Duration::from_secs(3)
+        };
         let mut legacy = Self {
+            deadline,
             dir: root.clone(),
             nodes,
             lb,
@@ -555,7 +564,7 @@ impl Legacy {
                     .identity(etcd_client::Identity::from_pem(cert, key)),
             )
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3))
+            .with_timeout(self.deadline)
     }
 
     /// A new etcd client through HAProxy, with kubeadm's apiserver-etcd-client certificate.
@@ -564,8 +573,8 @@ impl Legacy {
     }
 
     /// What a client needs to connect through HAProxy on its own (the background writer).
-    pub fn connector(&self) -> (String, etcd_client::ConnectOptions) {
-        (self.endpoint(), self.tls())
+    pub fn connector(&self) -> (String, etcd_client::ConnectOptions, Duration) {
+        (self.endpoint(), self.tls(), self.deadline)
     }
 
     /// A client straight to the live legacy nodes and the Kiln members (not through HAProxy),
