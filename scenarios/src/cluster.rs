@@ -730,10 +730,12 @@ async fn put_through(
             Err(e) => Err(e.to_string()),
         }
     };
-    tokio::time::timeout(deadline, attempt).await.unwrap_or_else(|_| {
-        Err(format!(
-            "no answer through {endpoint} within {}s",
-            deadline.as_secs()
-        ))
-    })
+    tokio::time::timeout(deadline, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer through {endpoint} within {}s",
+                deadline.as_secs()
+            ))
+        })
 }

@@ -19,10 +19,17 @@ use libtest_mimic::{Arguments, Failed, Trial};
 const PROVISIONERS: [&str; 3] = ["process", "qemu", "docker"];
 
 /// The qemu scenarios every run includes (the others are ignored unless asked for: each boots
-/// QEMU nodes for minutes under TCG, and CI has a time budget): a reboot, and the A/B slots of
-/// the launcher's boot disk both ways (a release confirmed then rolled back; one that panics
-/// and falls back). About 1.5 minutes each here.
-const QEMU_IN_CI: &[&str] = &["node-reboot", "rollback", "upgrade-boot-failure"];
+/// QEMU nodes for minutes under TCG, and CI has a time budget): a reboot, the A/B slots of the
+/// launcher's boot disk both ways (a release confirmed then rolled back; one that panics and
+/// falls back), and the guides' procedures (kubeadm migration, etcd maintenance). 1–2 minutes
+/// each here.
+const QEMU_IN_CI: &[&str] = &[
+    "node-reboot",
+    "rollback",
+    "upgrade-boot-failure",
+    "kubeadm-migration",
+    "etcd-maintenance",
+];
 
 fn artifacts() -> PathBuf {
     std::env::var_os("KILN_SCENARIO_ARTIFACTS")
