@@ -228,7 +228,14 @@ impl StateDir {
     /// or, when that path is too long for a Unix socket (108 bytes), a name derived from it in
     /// the temporary directory.
     pub fn socket(&self, name: &str) -> PathBuf {
-        let path = self.dir.join(format!("{name}.sock"));
+        self.socket_file(&format!("{name}.sock"))
+    }
+
+    /// Any Unix socket of the cluster: `file` in the state directory, or, when that path is
+    /// too long for a Unix socket, a name derived from it in the temporary directory (QEMU's
+    /// QMP and monitor sockets of nodes with long names).
+    pub fn socket_file(&self, file: &str) -> PathBuf {
+        let path = self.dir.join(file);
         if path.as_os_str().len() < 100 {
             return path;
         }
@@ -306,5 +313,9 @@ mod tests {
             sock,
             long.socket("etcd-disaster-recovery-raw-copy-controlplane-2")
         );
+        // QEMU's sockets of the same node get names of their own.
+        let qmp = long.socket_file("etcd-disaster-recovery-raw-copy-controlplane-1.qmp");
+        let events = long.socket_file("etcd-disaster-recovery-raw-copy-controlplane-1.qmp-events");
+        assert!(qmp.as_os_str().len() < 100 && qmp != sock && qmp != events);
     }
 }

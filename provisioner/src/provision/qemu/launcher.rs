@@ -37,17 +37,17 @@ use crate::state::{NodeState, StateDir};
 
 /// The node's QMP socket (commands).
 pub fn qmp_socket(dir: &StateDir, node: &str) -> PathBuf {
-    dir.dir.join(format!("{node}.qmp"))
+    dir.socket_file(&format!("{node}.qmp"))
 }
 
 /// The node's second QMP socket, which the launcher reads events from.
 pub fn qmp_events_socket(dir: &StateDir, node: &str) -> PathBuf {
-    dir.dir.join(format!("{node}.qmp-events"))
+    dir.socket_file(&format!("{node}.qmp-events"))
 }
 
 /// The node's human monitor socket (`echo q | socat - unix-connect:<node>.monitor`).
 pub fn monitor_socket(dir: &StateDir, node: &str) -> PathBuf {
-    dir.dir.join(format!("{node}.monitor"))
+    dir.socket_file(&format!("{node}.monitor"))
 }
 
 /// Where the cluster records the accelerator its nodes use (`cluster show`).
