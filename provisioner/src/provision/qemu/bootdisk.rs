@@ -202,21 +202,10 @@ mod tests {
     use super::*;
     use kiln_os_api::slots::SlotContent;
 
-    fn tools() -> bool {
-        ["mkfs.vfat", "mcopy"].iter().all(|t| {
-            Command::new(t)
-                .arg("--help")
-                .output()
-                .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
-        })
-    }
-
     #[test]
     fn the_launcher_boots_a_new_release_once_from_the_disk_then_falls_back() {
-        if !tools() {
-            eprintln!("skipped: dosfstools or mtools missing (scripts/install-deps installs them)");
-            return;
-        }
+        // dosfstools and mtools: a required tier never skips.
+        kiln_test_tiers::skip_unless!(kiln_test_tiers::Tier::ImageTools);
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("boot.img");
         let seed = tmp.path().join("seed");
@@ -273,10 +262,8 @@ mod tests {
 
     #[test]
     fn a_release_without_a_kernel_counts_as_a_failed_boot() {
-        if !tools() {
-            eprintln!("skipped: dosfstools or mtools missing (scripts/install-deps installs them)");
-            return;
-        }
+        // dosfstools and mtools: a required tier never skips.
+        kiln_test_tiers::skip_unless!(kiln_test_tiers::Tier::ImageTools);
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("boot.img");
         let seed = tmp.path().join("seed");
