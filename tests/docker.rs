@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kiln_e2e::{Env, free_cidr, link_exists, machined_bin};
 use kiln_os_api::wait::{Poll, until_blocking};
-use kiln_test_tiers::dockerd::{Firewall, TestEngine};
+use kiln_test_tiers::dockerd::{Firewall, SwarmPair, TestEngine};
 use kiln_test_tiers::{Tier, skip_unless};
 
 /// A dockerd of the test's own (its own bridge, no iptables chains), stopped on drop.
@@ -36,50 +36,64 @@ impl TestDockerd {
         self.engine.host()
     }
 
-    /// Runs the Docker CLI (an implementation independent of the provisioner's bollard).
-    fn docker(&self, args: &[&str]) -> std::process::Output {
-        self.engine.docker(args).unwrap()
-    }
-
     fn lines(&self, args: &[&str]) -> Vec<String> {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
-            .collect()
+        lines(&self.engine, args)
     }
 
-    /// Everything on the engine: containers, user-defined networks, volumes, images.
     fn objects(&self) -> Vec<String> {
-        let mut all = Vec::new();
-        all.extend(
-            self.lines(&["ps", "-aq"])
-                .into_iter()
-                .map(|c| format!("container {c}")),
-        );
-        all.extend(
-            self.lines(&["network", "ls", "-q", "--filter", "type=custom"])
-                .into_iter()
-                .map(|n| format!("network {n}")),
-        );
-        all.extend(
-            self.lines(&["volume", "ls", "-q"])
-                .into_iter()
-                .map(|v| format!("volume {v}")),
-        );
-        all.extend(
-            self.lines(&["images", "-aq"])
-                .into_iter()
-                .map(|i| format!("image {i}")),
-        );
-        all
+        objects(&self.engine)
     }
+}
+
+/// The lines `docker ARGS` prints on `engine`; fails the test when it fails.
+fn lines(engine: &TestEngine, args: &[&str]) -> Vec<String> {
+    let out = engine.docker(args).unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Everything on the engine: containers, user-defined networks, volumes, images.
+fn objects(engine: &TestEngine) -> Vec<String> {
+    let mut all = Vec::new();
+    all.extend(
+        lines(engine, &["ps", "-aq"])
+            .into_iter()
+            .map(|c| format!("container {c}")),
+    );
+    all.extend(
+        lines(
+            engine,
+            &[
+                "network",
+                "ls",
+                "--filter",
+                "type=custom",
+                "--format",
+                "{{.Name}}",
+            ],
+        )
+        .into_iter()
+        .map(|n| format!("network {n}")),
+    );
+    all.extend(
+        lines(engine, &["volume", "ls", "-q"])
+            .into_iter()
+            .map(|v| format!("volume {v}")),
+    );
+    all.extend(
+        lines(engine, &["images", "-aq"])
+            .into_iter()
+            .map(|i| format!("image {i}")),
+    );
+    all
 }
 
 fn env_with_machined() -> Env {
@@ -245,4 +259,240 @@ fn docker_destroy_cleans_up_after_a_create_killed_halfway() {
     let left = engine.objects();
     assert!(left.is_empty(), "left on the engine: {left:?}");
     assert!(!base.join(name).exists());
+}
+
+/// [`objects`] but the networks a swarm engine makes itself (`ingress` when it joins,
+/// `docker_gwbridge` when a container first attaches to an overlay network).
+fn swarm_objects(engine: &TestEngine) -> Vec<String> {
+    objects(engine)
+        .into_iter()
+        .filter(|o| o != "network ingress" && o != "network docker_gwbridge")
+        .collect()
+}
+
+/// The issue's two-engine test: a 3-control-plane cluster over a swarm of two engines (each in
+/// a network namespace of its own), one node on the second engine, reaches quorum over the
+/// overlay; cutting the second engine's link loses that node and keeps the cluster writable;
+/// restoring it brings the node back with every acknowledged write.
+#[test]
+fn docker_cluster_over_two_swarm_engines_keeps_quorum_and_every_write_when_one_engine_is_cut() {
+    skip_unless!(Tier::Root, Tier::Docker, Tier::Etcd);
+    let dir = tempfile::Builder::new()
+        .prefix("ksw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let swarm = SwarmPair::start(dir.path()).unwrap();
+    let (a, b) = (swarm.a.as_ref().unwrap(), swarm.b.as_ref().unwrap());
+    let before = (swarm_objects(a), swarm_objects(b));
+    let env = env_with_machined();
+    let base = env.home.join(".kiln/clusters");
+    let cidr = free_cidr(&base, 95);
+    let name = "dock-swarm";
+    let hosts = format!("{},{}", a.host(), b.host());
+
+    // Bad input first: the same engine twice, and an engine outside the swarm.
+    let twice = env.fails(&[
+        "cluster",
+        "create",
+        "--provisioner",
+        "docker",
+        "--docker-host",
+        &format!("{0},{0}", a.host()),
+        "--name",
+        "dock-twice",
+        "--cidr",
+        &cidr,
+    ]);
+    assert!(twice.contains("twice"), "{twice}");
+    let outsider = TestDockerd::start();
+    let foreign = env.fails(&[
+        "cluster",
+        "create",
+        "--provisioner",
+        "docker",
+        "--docker-host",
+        &format!("{},{}", a.host(), outsider.host()),
+        "--name",
+        "dock-foreign",
+        "--cidr",
+        &cidr,
+    ]);
+    assert!(foreign.contains("swarm"), "{foreign}");
+    env.ok(&["cluster", "destroy", "--name", "dock-foreign"]);
+    assert!(objects(&outsider.engine).is_empty());
+    drop(outsider);
+
+    let out = env.ok(&[
+        "cluster",
+        "create",
+        "--provisioner",
+        "docker",
+        "--docker-host",
+        &hosts,
+        "--name",
+        name,
+        "--cidr",
+        &cidr,
+        "--controlplanes",
+        "3",
+        "--workers",
+        "0",
+        "--memory",
+        "512",
+        "--wait-timeout",
+        "4m",
+    ]);
+    assert!(out.contains("overlay network"), "{out}");
+    let state = env.state_dir(name);
+    let st = state_yaml(&state);
+    let addr = |i: usize| st["nodes"][i]["address"].as_str().unwrap().to_owned();
+    // Round robin: the second control-plane node is the one on engine b.
+    let on_b = lines(b, &["ps", "-q", "--filter", "label=dev.kiln.node"]);
+    let on_a = lines(a, &["ps", "-q", "--filter", "label=dev.kiln.node"]);
+    assert_eq!((on_a.len(), on_b.len()), (2, 1), "{on_a:?} {on_b:?}");
+    let (node_b, nodes_a) = (addr(1), vec![addr(0), addr(2)]);
+
+    let health = env.ok(&["health"]);
+    assert!(health.contains("is healthy"), "{health}");
+    let members = env.ok(&["-n", &addr(0), "etcd", "members"]);
+    assert_eq!(
+        members.lines().filter(|l| l.contains("https://")).count(),
+        3,
+        "{members}"
+    );
+    // Link faults of a single container are refused on an overlay, saying why.
+    let refused = env.fails(&[
+        "cluster",
+        "node",
+        "link-down",
+        &format!("{name}-controlplane-2"),
+        "--name",
+        name,
+    ]);
+    assert!(refused.contains("overlay"), "{refused}");
+
+    let secrets = kiln_pki::SecretsBundle::from_yaml(
+        &std::fs::read_to_string(state.join("secrets.yaml")).unwrap(),
+    )
+    .unwrap();
+    let ca = secrets.etcd_ca().unwrap();
+    let leaf = ca
+        .issue(&kiln_pki::LeafRequest::client("e2e", "e2e"))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect = |endpoints: &[String]| {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(ca.cert_pem()))
+            .identity(etcd_client::Identity::from_pem(
+                leaf.cert_pem.clone(),
+                leaf.key_pem.clone(),
+            ));
+        let opts = etcd_client::ConnectOptions::new()
+            .with_tls(tls)
+            .with_timeout(Duration::from_secs(5));
+        let urls: Vec<String> = endpoints
+            .iter()
+            .map(|a| format!("https://{a}:2379"))
+            .collect();
+        rt.block_on(etcd_client::Client::connect(urls, Some(opts)))
+    };
+    let mut acked = 0;
+    let mut etcd = connect(&nodes_a).unwrap();
+    for i in 0..50 {
+        rt.block_on(etcd.put(format!("/swarm/{i:03}"), "before", None))
+            .unwrap();
+        acked += 1;
+    }
+
+    // Engine b's link cut: its node is lost, the two on engine a keep quorum and take writes.
+    swarm.link_b(false).unwrap();
+    until_blocking(
+        "the node on engine b unreachable",
+        Poll::every(Duration::from_millis(500), Duration::from_secs(30)),
+        || {
+            let o = env.kiln(&["-e", &node_b, "-n", &node_b, "version"]);
+            if o.status.success() {
+                Err(String::from_utf8_lossy(&o.stdout).into_owned())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .unwrap();
+    for i in 50..100 {
+        let put = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                etcd.put(format!("/swarm/{i:03}"), "cut", None),
+            )
+            .await
+        });
+        assert!(
+            matches!(put, Ok(Ok(_))),
+            "write {i} with engine b cut: {put:?}"
+        );
+        acked += 1;
+    }
+
+    // Restored: the node on engine b comes back and has every acknowledged write.
+    swarm.link_b(true).unwrap();
+    until_blocking(
+        "every acknowledged write on the node of engine b",
+        Poll::every(Duration::from_secs(1), Duration::from_secs(90)),
+        || {
+            let mut c = connect(std::slice::from_ref(&node_b)).map_err(|e| e.to_string())?;
+            let got = rt
+                .block_on(
+                    c.get(
+                        "/swarm/",
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_serializable(),
+                        ),
+                    ),
+                )
+                .map_err(|e| e.to_string())?;
+            if got.kvs().len() == acked {
+                Ok(())
+            } else {
+                Err(format!("{} of {acked}", got.kvs().len()))
+            }
+        },
+    )
+    .unwrap();
+    until_blocking(
+        "the cluster healthy again",
+        Poll::every(Duration::from_secs(1), Duration::from_secs(60)),
+        || {
+            let o = env.kiln(&["health", "--wait-timeout", "20s"]);
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        },
+    )
+    .unwrap();
+
+    // The gateway's namespace and the host's veth into it, by the names in the state.
+    let netns = st["network"]["lab_netns"].as_str().unwrap().to_owned();
+    let veth = format!("kg{}", netns.trim_start_matches("kgw-"));
+    assert!(link_exists(&veth), "veth {veth}");
+    let id_dir = state.clone();
+    env.ok(&["cluster", "destroy", "--name", name]);
+    assert!(!id_dir.exists());
+    assert_eq!(
+        (swarm_objects(a), swarm_objects(b)),
+        before,
+        "left on the engines"
+    );
+    assert!(!link_exists(&veth), "veth {veth} left");
+    assert!(
+        !Path::new("/var/run/netns").join(&netns).exists(),
+        "namespace {netns} left"
+    );
 }

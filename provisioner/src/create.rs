@@ -336,6 +336,11 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
     };
     let plan = network::plan(&opts.cidr, count, mode, &opts.state_base, name, &routes)?;
     let endpoint = format!("https://{}:6443", plan.gateway);
+    if opts.airgapped
+        && let Err(why) = provisioner.capabilities(mode).airgap
+    {
+        return Err(CreateError::Invalid(format!("--airgapped: {why}")));
+    }
     if opts.airgapped && mode != NetworkMode::Bridge {
         return Err(CreateError::Invalid(
             "--airgapped needs the bridge network (nodes in their own network namespaces): run cluster create as root".into(),
@@ -440,6 +445,7 @@ pub async fn create(opts: &CreateOptions, progress: &Progress) -> Result<Created
             mtu: opts.mtu,
             firewall: Vec::new(),
             airgapped: opts.airgapped,
+            lab_netns: None,
         },
         nodes,
         helpers: Vec::new(),

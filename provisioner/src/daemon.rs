@@ -100,8 +100,27 @@ pub fn write_pidfile(pidfile: &Path, pid: u32) -> Result<Identity, DaemonError> 
 /// Starts `kiln ARGS...` in the background; stdout and stderr go to `log`, its identity to
 /// `pidfile`.
 pub fn spawn(args: &[String], log: &Path, pidfile: &Path) -> Result<Identity, DaemonError> {
+    spawn_in(None, args, log, pidfile)
+}
+
+/// [`spawn`] in the named network namespace (`/var/run/netns/<netns>`) when one is given: the
+/// lab's helpers of a cluster whose network the host is not on (a Docker Swarm overlay) run in
+/// its gateway container's namespace.
+pub fn spawn_in(
+    netns: Option<&str>,
+    args: &[String],
+    log: &Path,
+    pidfile: &Path,
+) -> Result<Identity, DaemonError> {
     use std::os::unix::process::CommandExt as _;
     let exe = kiln_binary()?;
+    let ns = match netns {
+        Some(name) => {
+            let path = PathBuf::from(format!("/var/run/netns/{name}"));
+            Some(std::fs::File::open(&path).map_err(|source| DaemonError::File { path, source })?)
+        }
+        None => None,
+    };
     let file_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DaemonError::File { path, source }
@@ -112,7 +131,11 @@ pub fn spawn(args: &[String], log: &Path, pidfile: &Path) -> Result<Identity, Da
         .open(log)
         .map_err(file_err(log))?;
     let err = out.try_clone().map_err(file_err(log))?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if let Some(ns) = ns {
+        enter_netns(&mut cmd, ns);
+    }
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -125,6 +148,20 @@ pub fn spawn(args: &[String], log: &Path, pidfile: &Path) -> Result<Identity, Da
             source,
         })?;
     write_pidfile(pidfile, child.id())
+}
+
+/// Makes the child enter the network namespace `ns` before it runs.
+#[allow(unsafe_code)]
+fn enter_netns(cmd: &mut Command, ns: std::fs::File) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and only calls setns(2) on a
+    // file descriptor opened before the fork; it allocates nothing and touches no parent state.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
 }
 
 /// A helper that did not come up.

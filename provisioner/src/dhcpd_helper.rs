@@ -171,6 +171,7 @@ mod tests {
                 mtu: 1450,
                 firewall: vec![],
                 airgapped: false,
+                lab_netns: None,
             },
             nodes: vec![
                 node("cp-1", kiln_config::MachineType::Controlplane, "10.5.0.2"),

@@ -118,7 +118,12 @@ pub fn start(dir: &StateDir, state: &mut ClusterState, progress: &Progress) -> a
         "--root".into(),
         dir.dir.join("registry").display().to_string(),
     ];
-    let id = daemon::spawn(&args, &dir.log(NAME), &dir.pidfile(NAME))?;
+    let id = daemon::spawn_in(
+        state.network.lab_netns.as_deref(),
+        &args,
+        &dir.log(NAME),
+        &dir.pidfile(NAME),
+    )?;
     daemon::wait_listening(id, &[addr], &dir.log(NAME), Duration::from_secs(30))?;
     progress.note(format!("registry mirror on {}", url(state)));
     Ok(())

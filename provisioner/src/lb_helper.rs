@@ -57,7 +57,12 @@ pub fn start(dir: &StateDir, state: &mut ClusterState, progress: &Progress) -> a
         "--control-socket".into(),
         dir.socket(NAME).display().to_string(),
     ];
-    daemon::spawn(&args, &dir.log(NAME), &dir.pidfile(NAME))?;
+    daemon::spawn_in(
+        state.network.lab_netns.as_deref(),
+        &args,
+        &dir.log(NAME),
+        &dir.pidfile(NAME),
+    )?;
     let listens: Vec<String> = config
         .frontends
         .iter()

@@ -47,6 +47,11 @@ pub struct NetworkState {
     /// network; names and egress go through the lab DNS and proxy on the gateway.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub airgapped: bool,
+    /// The network namespace (`/var/run/netns/<name>`) the lab's helpers run in, when the host
+    /// is not on the cluster network: a Docker Swarm cluster's gateway container. Absent: the
+    /// host's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab_netns: Option<String>,
 }
 
 /// One node.

@@ -32,6 +32,9 @@ pub const CONFIG_ENV: &str = "KILN_CONFIG";
 /// Environment variable a provisioner sets (`1`) on a container node of an air-gapped
 /// cluster: machined removes the default route the engine gave the container at every boot.
 pub const NO_DEFAULT_ROUTE_ENV: &str = "KILN_NO_DEFAULT_ROUTE";
+/// The first argument that makes a container's machined hold its network namespace instead
+/// of booting a node: the lab's gateway container of a Docker Swarm cluster.
+pub const HOLD_ARG: &str = "--hold";
 
 /// Volume labels.
 pub const LABEL_STATE: &str = "STATE";

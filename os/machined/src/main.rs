@@ -19,6 +19,10 @@ fn main() {
             .map(str::to_owned)
             .or_else(|| (a == "--platform").then(|| args.get(i + 1).cloned().unwrap_or_default()))
     });
+    if args.get(1).map(String::as_str) == Some(kiln_os_api::contract::HOLD_ARG) {
+        // The lab's gateway container of a Docker Swarm cluster: no node, no slots.
+        kiln_machined::platform::container::hold();
+    }
     if platform.as_deref() == Some("container") {
         // Plays the bootloader: may replace this process with a slot's machined.
         kiln_machined::platform::container::bootloader(&args);

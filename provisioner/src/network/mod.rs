@@ -363,6 +363,7 @@ mod tests {
                 mtu: 1500,
                 firewall: vec![],
                 airgapped: false,
+                lab_netns: None,
             },
             nodes: vec![],
             helpers: vec![],

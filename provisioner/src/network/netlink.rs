@@ -256,6 +256,148 @@ async fn configure_inside(link: &NodeLink, peer: &str) -> Result<(), NetlinkErro
     }
 }
 
+/// A veth pair from the host into a named network namespace that the host routes a network
+/// through (a Docker Swarm cluster's gateway container, see `provision::docker::swarm`).
+#[derive(Debug, Clone)]
+pub struct RoutedLink {
+    /// The namespace (`/var/run/netns/<netns>`), which exists.
+    pub netns: String,
+    /// The host's end.
+    pub veth: String,
+    /// The name of the end inside the namespace.
+    pub inside: String,
+    /// The host end's address.
+    pub host_address: Ipv4Addr,
+    /// The inside end's address.
+    pub inside_address: Ipv4Addr,
+    /// Prefix length of both.
+    pub prefix: u8,
+    /// MTU of both.
+    pub mtu: u32,
+    /// The network (`a.b.c.d/n`) the host routes through the inside end.
+    pub routed: String,
+}
+
+/// Creates `link`'s veth pair, addresses both ends and adds the host's route.
+pub async fn create_routed_link(handle: &Handle, link: &RoutedLink) -> Result<(), NetlinkError> {
+    let ns_path = format!("/var/run/netns/{}", link.netns);
+    let peer = format!("{}p", link.veth);
+    // A pair left by a create killed halfway is made again.
+    delete_link(handle, &link.veth).await?;
+    handle
+        .link()
+        .add(LinkVeth::new(&link.veth, &peer).mtu(link.mtu).build())
+        .execute()
+        .await
+        .map_err(err(format!("creating veth {}", link.veth)))?;
+    let ns = std::fs::File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
+    let peer_idx = index_of(handle, &peer).await?.ok_or_else(|| NetlinkError {
+        action: format!("creating veth {}", link.veth),
+        reason: "its peer vanished".into(),
+    })?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(peer_idx)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(err(format!("moving {peer} into {}", link.netns)))?;
+    let host = index_of(handle, &link.veth)
+        .await?
+        .ok_or_else(|| NetlinkError {
+            action: format!("creating veth {}", link.veth),
+            reason: "it vanished".into(),
+        })?;
+    handle
+        .address()
+        .add(host, IpAddr::V4(link.host_address), link.prefix)
+        .execute()
+        .await
+        .map_err(err(format!(
+            "adding {} to {}",
+            link.host_address, link.veth
+        )))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(host).up().build())
+        .execute()
+        .await
+        .map_err(err(format!("bringing {} up", link.veth)))?;
+    let inside = link.clone();
+    std::thread::spawn(move || -> Result<(), NetlinkError> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError {
+            action: format!("entering {}", inside.netns),
+            reason: e.to_string(),
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_err("starting a runtime"))?;
+        rt.block_on(async {
+            let handle = connect()?;
+            let idx = index_of(&handle, &peer)
+                .await?
+                .ok_or_else(|| NetlinkError {
+                    action: format!("configuring {}", inside.netns),
+                    reason: format!("{peer} is missing"),
+                })?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .name(inside.inside.clone())
+                        .mtu(inside.mtu)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(err(format!("renaming {peer} to {}", inside.inside)))?;
+            handle
+                .address()
+                .add(idx, IpAddr::V4(inside.inside_address), inside.prefix)
+                .execute()
+                .await
+                .map_err(err(format!("adding {}", inside.inside_address)))?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await
+                .map_err(err(format!("bringing {} up", inside.inside)))
+        })
+    })
+    .join()
+    .map_err(|_| NetlinkError {
+        action: format!("configuring {}", link.netns),
+        reason: "the thread panicked".into(),
+    })??;
+    let (dest, prefix) = link
+        .routed
+        .split_once('/')
+        .and_then(|(a, p)| Some((a.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+        .ok_or_else(|| NetlinkError {
+            action: format!("routing {}", link.routed),
+            reason: "not an IPv4 network".into(),
+        })?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dest, prefix)
+        .gateway(link.inside_address)
+        .output_interface(host)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .execute()
+        .await
+        .map_err(err(format!(
+            "routing {} through {} on {}",
+            link.routed, link.inside_address, link.veth
+        )))
+}
+
 /// Attaches link `name` (a tap) to `bridge` with `mtu` and sets it up.
 pub async fn attach(
     handle: &Handle,

@@ -87,6 +87,8 @@ pub struct Capabilities {
     /// A/B slots: nodes started on an installer image (`CreateOptions::install_image`) that
     /// upgrade and roll back, or why not.
     pub slots: Result<(), String>,
+    /// Air-gapped clusters (`CreateOptions::airgapped`), or why not.
+    pub airgap: Result<(), String>,
 }
 
 /// Why a provisioner could not do something.

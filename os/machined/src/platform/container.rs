@@ -175,6 +175,40 @@ fn slot_args(args: &[String], slot: &Path) -> Vec<String> {
     out
 }
 
+/// PID 1 of the lab's gateway container on a Docker Swarm overlay network: not a node, it
+/// only holds the network namespace where the lab's helpers run (the `kiln` binary on the
+/// engine's host enters it). Reaps whatever ends up as its child and exits 0 on SIGTERM or
+/// SIGINT (as PID 1 it has no default action for them). Never returns.
+pub fn hold() -> ! {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        set.add(s);
+    }
+    if let Err(e) = set.thread_block() {
+        eprintln!("machined --hold: blocking signals: {e}");
+        std::process::exit(1);
+    }
+    eprintln!("machined --hold: holding the lab's network namespace");
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            Ok(_) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("machined --hold: waiting for signals: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
 /// The entrypoint's bootloader (see the module documentation): called first thing in `main`
 /// with the command line (program first), while the process has one thread. Does nothing
 /// when the node has no boot directory, or when the slot was already chosen (this is the

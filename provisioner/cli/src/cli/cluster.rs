@@ -182,9 +182,10 @@ pub struct CreateArgs {
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
     /// Docker engine of a docker cluster (default: DOCKER_HOST, else
-    /// unix:///var/run/docker.sock).
-    #[arg(long, value_name = "unix:///PATH")]
-    docker_host: Option<String>,
+    /// unix:///var/run/docker.sock). Several (comma-separated or repeated): engines of one
+    /// Docker Swarm, the first a manager; nodes go round robin over them on an overlay network.
+    #[arg(long, value_name = "unix:///PATH", value_delimiter = ',')]
+    docker_host: Vec<String>,
     #[command(flatten)]
     qemu: QemuArgs,
 }
@@ -390,7 +391,7 @@ async fn create(args: CreateArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .resources
         .overridden(args.cpus.is_some(), args.memory.is_some());
     opts.provisioner_options.docker = provision::docker::DockerOptions {
-        host: args.docker_host.clone(),
+        hosts: args.docker_host.clone(),
         cpus: args.cpus,
         memory_mib: args.memory,
     };
@@ -486,12 +487,17 @@ fn print_nodes(state: &ClusterState) {
         state.provisioner,
         state.name,
         state.network.cidr,
-        match state.network.mode {
-            NetworkMode::Bridge => format!(
-                "bridge {}",
-                state.network.bridge.clone().unwrap_or_default()
-            ),
-            NetworkMode::Loopback => "loopback".to_owned(),
+        match (
+            state.network.mode,
+            &state.network.bridge,
+            &state.network.lab_netns
+        ) {
+            (NetworkMode::Bridge, Some(bridge), _) => format!("bridge {bridge}"),
+            (NetworkMode::Bridge, None, Some(ns)) => {
+                format!("Docker Swarm overlay; the lab's helpers in network namespace {ns}")
+            }
+            (NetworkMode::Bridge, None, None) => "bridge".to_owned(),
+            (NetworkMode::Loopback, _, _) => "loopback".to_owned(),
         },
         state.endpoint
     );
@@ -620,6 +626,11 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
             "NAME         {}\nPROVISIONER  {}\nNETWORK      {} gateway {} ({:?})\nENDPOINT     {}\n",
             c.name, c.provisioner, c.network.cidr, c.network.gateway, c.network.mode, c.endpoint
         );
+        if let Some(ns) = &c.network.lab_netns {
+            s += &format!(
+                "LAB NETNS    {ns} (a Docker Swarm overlay: the lab's helpers run in its gateway container's namespace)\n"
+            );
+        }
         if let Some(a) = &c.accel {
             s += &format!("ACCELERATOR  {} ({})\n", a.accel, a.reason);
         }

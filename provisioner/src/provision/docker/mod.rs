@@ -18,9 +18,13 @@
 //!
 //! Power: stop = kill, start, reset = restart without grace, pause/unpause, and link down/up on
 //! the host side of the container's veth (the container keeps its address and routes).
+//!
+//! Several engines (`--docker-host A,B`) spread the nodes over a Docker Swarm on an overlay
+//! network; see [`swarm`].
 
 pub mod console;
 pub mod engine;
+pub mod swarm;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -67,8 +71,9 @@ pub const NODE_CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN"];
 /// Options of `kiln cluster create` for this provisioner.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DockerOptions {
-    /// The engine (`unix:///...`); default `DOCKER_HOST` or `/var/run/docker.sock`.
-    pub host: Option<String>,
+    /// The engines (`unix:///...`); none: `DOCKER_HOST` or `/var/run/docker.sock`. Several:
+    /// members of one Docker Swarm, the first a manager ([`swarm`]).
+    pub hosts: Vec<String>,
     /// CPUs per node.
     pub cpus: Option<f64>,
     /// Memory per node in MiB.
@@ -95,6 +100,9 @@ pub struct DockerNode {
     /// The node image, once imported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// On a Docker Swarm overlay network (several engines), not a bridge of its engine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub swarm: bool,
 }
 
 /// See the module documentation.
@@ -110,11 +118,17 @@ impl DockerProvisioner {
         Self { options }
     }
 
-    fn host(&self) -> String {
-        self.options
-            .host
-            .clone()
-            .unwrap_or_else(engine::default_host)
+    /// The engines nodes go to, in order (at least one).
+    fn hosts(&self) -> Vec<String> {
+        if self.options.hosts.is_empty() {
+            vec![engine::default_host()]
+        } else {
+            self.options.hosts.clone()
+        }
+    }
+
+    fn swarm(&self) -> bool {
+        self.options.hosts.len() > 1
     }
 }
 
@@ -154,6 +168,26 @@ fn unavailable(e: EngineError) -> ProvisionError {
     }
 }
 
+fn unavailable_reason(reason: String) -> ProvisionError {
+    ProvisionError::Unavailable {
+        provisioner: NAME.to_owned(),
+        reason,
+    }
+}
+
+/// Every engine of the cluster, the first (the one of its first node, which holds the
+/// network) first.
+fn cluster_hosts(state: &ClusterState) -> Vec<String> {
+    let mut hosts = vec![cluster_host(state)];
+    for n in &state.nodes {
+        let h = node_section(state, &n.name).host;
+        if !h.is_empty() && !hosts.contains(&h) {
+            hosts.push(h);
+        }
+    }
+    hosts
+}
+
 fn api(
     host: &str,
     what: impl Into<String>,
@@ -184,10 +218,26 @@ impl Provisioner for DockerProvisioner {
     }
 
     fn network_mode(&self) -> Result<NetworkMode, ProvisionError> {
-        let host = self.host();
-        let path = engine::socket_path(&host).map_err(unavailable)?;
-        if !std::path::Path::new(path).exists() {
-            return Err(unavailable(EngineError::NoEngine { host }));
+        let hosts = self.hosts();
+        for host in &hosts {
+            let path = engine::socket_path(host).map_err(unavailable)?;
+            if !std::path::Path::new(path).exists() {
+                return Err(unavailable(EngineError::NoEngine { host: host.clone() }));
+            }
+        }
+        if let Some(twice) = hosts
+            .iter()
+            .enumerate()
+            .find_map(|(i, h)| hosts[..i].contains(h).then_some(h))
+        {
+            return Err(unavailable_reason(format!(
+                "--docker-host names {twice} twice: name each engine once"
+            )));
+        }
+        if self.swarm() && !nix::unistd::Uid::effective().is_root() {
+            return Err(unavailable_reason(
+                "a cluster over several engines routes the host into its overlay network (a veth pair and a network namespace), which needs root".into(),
+            ));
         }
         Ok(NetworkMode::Bridge)
     }
@@ -195,7 +245,9 @@ impl Provisioner for DockerProvisioner {
     fn capabilities(&self, _mode: NetworkMode) -> Capabilities {
         let root = nix::unistd::Uid::effective().is_root();
         Capabilities {
-            link_faults: if root {
+            link_faults: if self.swarm() {
+                Err("on a Docker Swarm overlay network a container's veth lives in the engine's hidden overlay namespace; cut an engine's link instead".into())
+            } else if root {
                 Ok(())
             } else {
                 Err(
@@ -205,17 +257,29 @@ impl Provisioner for DockerProvisioner {
             },
             pause: Ok(()),
             slots: Ok(()),
+            airgap: if self.swarm() {
+                Err("an air-gapped cluster over several Docker engines is not supported yet (its proxy would run in the gateway container, which reaches outside through the engine)".into())
+            } else {
+                Ok(())
+            },
         }
     }
 
     fn plan(&self, dir: &StateDir, state: &mut ClusterState) {
-        let host = self.host();
+        let hosts = self.hosts();
+        let swarm = self.swarm();
         let network = format!("kiln-{}-{}", state.name, dir.id());
-        state.network.bridge = Some(bridge_name(dir));
-        for n in &mut state.nodes {
+        if swarm {
+            state.network.bridge = None;
+            state.network.lab_netns = Some(swarm::netns_name(dir));
+        } else {
+            state.network.bridge = Some(bridge_name(dir));
+        }
+        for (i, n) in state.nodes.iter_mut().enumerate() {
             let container = container_name(dir, &n.name);
             let node = DockerNode {
-                host: host.clone(),
+                host: hosts[i % hosts.len()].clone(),
+                swarm,
                 volumes: VOLUMES.iter().map(|v| format!("{container}-{v}")).collect(),
                 container,
                 network: network.clone(),
@@ -246,7 +310,16 @@ impl Provisioner for DockerProvisioner {
         let Some(first) = state.nodes.first() else {
             return Ok(());
         };
-        let network = node_section(state, &first.name).network;
+        let section = node_section(state, &first.name);
+        let network = section.network;
+        if section.swarm {
+            let mut engines = vec![(host.clone(), docker.clone())];
+            for h in cluster_hosts(state).into_iter().skip(1) {
+                let d = engine::connect(&h).await.map_err(unavailable)?;
+                engines.push((h, d));
+            }
+            swarm::check(&engines).await?;
+        }
         if let Ok(existing) = docker
             .inspect_network(
                 &network,
@@ -271,6 +344,12 @@ impl Provisioner for DockerProvisioner {
                     fix: format!("remove it with `docker network rm {network}` if nothing uses it"),
                 });
             }
+            if section.swarm {
+                let image = engine::ensure_node_image(&docker, &host)
+                    .await
+                    .map_err(unavailable)?;
+                swarm::start_gateway(dir, state, &docker, &host, &network, &image).await?;
+            }
             return Ok(());
         }
         let labels = HashMap::from([(CLUSTER_LABEL.to_owned(), mark.clone())]);
@@ -279,10 +358,43 @@ impl Provisioner for DockerProvisioner {
             .bridge
             .clone()
             .unwrap_or_else(|| bridge_name(dir));
+        let mut options = HashMap::from([(
+            "com.docker.network.driver.mtu".to_owned(),
+            state.network.mtu.to_string(),
+        )]);
+        let (docker_gateway, ip_range) = if section.swarm {
+            // The lab's gateway address is the gateway container's; Docker's own gateway of
+            // the overlay (an address on each engine's hidden bridge) moves to the last one,
+            // and what Docker allocates itself to the last quarter, away from the nodes.
+            let small = || {
+                unavailable_reason(format!(
+                    "the cluster network {} is too small for a swarm: Docker's overlay needs the last quarter of it; use a /28 or larger",
+                    state.network.cidr
+                ))
+            };
+            let gateway = swarm::overlay_gateway(&state.network.cidr).ok_or_else(small)?;
+            let (range, start) =
+                swarm::overlay_dynamic_range(&state.network.cidr).ok_or_else(small)?;
+            if let Some(n) = state
+                .nodes
+                .iter()
+                .find(|n| matches!(n.address, IpAddr::V4(a) if a >= start))
+            {
+                return Err(unavailable_reason(format!(
+                    "node {} at {} falls into {range}, which Docker's overlay keeps for itself: use a larger --cidr or fewer nodes",
+                    n.name, n.address
+                )));
+            }
+            (gateway.to_string(), Some(range))
+        } else {
+            options.insert("com.docker.network.bridge.name".to_owned(), bridge);
+            (state.network.gateway.to_string(), None)
+        };
         docker
             .create_network(NetworkCreateRequest {
                 name: network.clone(),
-                driver: Some("bridge".into()),
+                driver: Some(if section.swarm { "overlay" } else { "bridge" }.into()),
+                attachable: section.swarm.then_some(true),
                 // Air-gapped: an engine that manages iptables drops what leaves the bridge and
                 // does not masquerade; machined removes the default route Docker still gives
                 // (`NO_DEFAULT_ROUTE_ENV`). The bridge keeps the gateway address, where the
@@ -292,27 +404,40 @@ impl Provisioner for DockerProvisioner {
                     driver: Some("default".into()),
                     config: Some(vec![IpamConfig {
                         subnet: Some(state.network.cidr.clone()),
-                        gateway: Some(state.network.gateway.to_string()),
+                        gateway: Some(docker_gateway),
+                        ip_range,
                         ..Default::default()
                     }]),
                     options: None,
                 }),
-                options: Some(HashMap::from([
-                    ("com.docker.network.bridge.name".to_owned(), bridge),
-                    (
-                        "com.docker.network.driver.mtu".to_owned(),
-                        state.network.mtu.to_string(),
-                    ),
-                ])),
+                options: Some(options),
                 labels: Some(labels),
                 ..Default::default()
             })
             .await
             .map_err(api(&host, format!("creating network {network}")))?;
-        progress.note(format!(
-            "Docker network {network} ({}) on {host}",
-            state.network.cidr
-        ));
+        if section.swarm {
+            progress.note(format!(
+                "Docker overlay network {network} ({}) over {} engines of a swarm",
+                state.network.cidr,
+                cluster_hosts(state).len()
+            ));
+            let image = engine::ensure_node_image(&docker, &host)
+                .await
+                .map_err(unavailable)?;
+            swarm::start_gateway(dir, state, &docker, &host, &network, &image).await?;
+            progress.note(format!(
+                "gateway container {} at {} on {host}: the lab's helpers run in its network namespace, the host reaches the cluster through {}",
+                swarm::gateway_container(dir, state),
+                state.network.gateway,
+                swarm::veth_name(dir)
+            ));
+        } else {
+            progress.note(format!(
+                "Docker network {network} ({}) on {host}",
+                state.network.cidr
+            ));
+        }
         Ok(())
     }
 
@@ -500,78 +625,30 @@ impl Provisioner for DockerProvisioner {
         state: &ClusterState,
         progress: &Progress,
     ) -> Result<(), ProvisionError> {
-        let host = cluster_host(state);
-        let docker = match engine::connect(&host).await {
-            Ok(d) => d,
-            Err(EngineError::NoEngine { .. }) => {
-                progress.note(format!(
-                    "no Docker engine at {host}: nothing of the cluster to remove there"
-                ));
-                return Ok(());
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
         let mark = dir.owner_mark();
-        progress.phase("removing containers");
-        let containers = docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(label_filter(&mark)),
-                ..Default::default()
-            }))
-            .await
-            .map_err(api(&host, "listing the cluster's containers"))?;
-        for c in containers {
-            let Some(id) = c.id else { continue };
-            match docker
-                .remove_container(
-                    &id,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        v: false,
-                        link: false,
-                    }),
-                )
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(api(&host, format!("removing container {id}"))(e)),
+        let mut engines = Vec::new();
+        for host in cluster_hosts(state) {
+            match engine::connect(&host).await {
+                Ok(d) => engines.push((host, d)),
+                Err(EngineError::NoEngine { .. }) => progress.note(format!(
+                    "no Docker engine at {host}: nothing of the cluster to remove there"
+                )),
+                Err(e) => return Err(unavailable(e)),
             }
         }
-        progress.phase("removing volumes");
-        let volumes = docker
-            .list_volumes(Some(ListVolumesOptions {
-                filters: Some(label_filter(&mark)),
-            }))
-            .await
-            .map_err(api(&host, "listing the cluster's volumes"))?;
-        for v in volumes.volumes.unwrap_or_default() {
-            match docker
-                .remove_volume(&v.name, Some(RemoveVolumeOptions { force: true }))
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(api(&host, format!("removing volume {}", v.name))(e)),
-            }
+        // Every engine's containers before the network: a swarm's overlay network stays in
+        // use while a container on any engine is attached.
+        for (host, docker) in &engines {
+            remove_containers(docker, host, &mark, progress).await?;
         }
-        progress.phase(format!("destroying network {}", state.name));
-        let networks = docker
-            .list_networks(Some(ListNetworksOptions {
-                filters: Some(label_filter(&mark)),
-            }))
-            .await
-            .map_err(api(&host, "listing the cluster's networks"))?;
-        for n in networks {
-            let Some(id) = n.id else { continue };
-            match docker.remove_network(&id).await {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(api(&host, format!("removing network {id}"))(e)),
-            }
+        for (i, (host, docker)) in engines.iter().enumerate() {
+            // A swarm's overlay network is removed on its manager, the first engine.
+            remove_volumes_and_networks(docker, host, &mark, i == 0, progress).await?;
         }
-        engine::remove_unused_node_images(&docker).await;
+        if state.network.lab_netns.is_some() {
+            progress.phase("removing the route into the overlay network");
+            swarm::remove_gateway_link(dir, state).await?;
+        }
         Ok(())
     }
 
@@ -635,7 +712,17 @@ impl Provisioner for DockerProvisioner {
                 .await
                 .map_err(api(&host, what))?,
             PowerAction::LinkDown | PowerAction::LinkUp => {
-                if let Err(reason) = self.capabilities(state.network.mode).link_faults {
+                let reason = if section.swarm {
+                    DockerProvisioner::new(DockerOptions {
+                        hosts: cluster_hosts(state),
+                        ..Default::default()
+                    })
+                    .capabilities(state.network.mode)
+                    .link_faults
+                } else {
+                    self.capabilities(state.network.mode).link_faults
+                };
+                if let Err(reason) = reason {
                     return Err(ProvisionError::Unsupported { action, reason });
                 }
                 let veth = host_veth(&docker, &host, c).await?;
@@ -651,7 +738,7 @@ impl Provisioner for DockerProvisioner {
                     })?;
             }
         }
-        status_of(&docker, &host, c).await
+        status_of(&docker, &host, c, section.swarm).await
     }
 
     async fn status(
@@ -663,8 +750,103 @@ impl Provisioner for DockerProvisioner {
         require_node(state, node)?;
         let section = node_section(state, node);
         let docker = engine::connect(&section.host).await.map_err(unavailable)?;
-        status_of(&docker, &section.host, &section.container).await
+        status_of(&docker, &section.host, &section.container, section.swarm).await
     }
+}
+
+/// Removes the containers labelled with the cluster's `mark` on one engine.
+async fn remove_containers(
+    docker: &Docker,
+    host: &str,
+    mark: &str,
+    progress: &Progress,
+) -> Result<(), ProvisionError> {
+    progress.phase(format!("removing containers on {host}"));
+    let containers = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(label_filter(mark)),
+            ..Default::default()
+        }))
+        .await
+        .map_err(api(host, "listing the cluster's containers"))?;
+    for c in containers {
+        let Some(id) = c.id else { continue };
+        match docker
+            .remove_container(
+                &id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: false,
+                    link: false,
+                }),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(api(host, format!("removing container {id}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the volumes and (with `networks`) networks labelled with the cluster's `mark` on
+/// one engine, then its node images no container uses any more.
+async fn remove_volumes_and_networks(
+    docker: &Docker,
+    host: &str,
+    mark: &str,
+    networks: bool,
+    progress: &Progress,
+) -> Result<(), ProvisionError> {
+    progress.phase(format!("removing volumes on {host}"));
+    let volumes = docker
+        .list_volumes(Some(ListVolumesOptions {
+            filters: Some(label_filter(mark)),
+        }))
+        .await
+        .map_err(api(host, "listing the cluster's volumes"))?;
+    for v in volumes.volumes.unwrap_or_default() {
+        match docker
+            .remove_volume(&v.name, Some(RemoveVolumeOptions { force: true }))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(api(host, format!("removing volume {}", v.name))(e)),
+        }
+    }
+    if networks {
+        progress.phase(format!("destroying the network on {host}"));
+        let networks = docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(label_filter(mark)),
+            }))
+            .await
+            .map_err(api(host, "listing the cluster's networks"))?;
+        for n in networks {
+            let Some(id) = n.id else { continue };
+            // A swarm releases an overlay network's attachments on the other engines a moment
+            // after their containers are gone ("in use by task").
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                match docker.remove_network(&id).await {
+                    Ok(()) => break,
+                    Err(e) if is_not_found(&e) => break,
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 400,
+                        message,
+                    }) if message.contains("in use") && std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(api(host, format!("removing network {id}"))(e)),
+                }
+            }
+        }
+    }
+    engine::remove_unused_node_images(docker).await;
+    Ok(())
 }
 
 /// A tar of the directory `dir`'s contents (paths relative to it).
@@ -680,6 +862,7 @@ async fn status_of(
     docker: &Docker,
     host: &str,
     container: &str,
+    swarm: bool,
 ) -> Result<NodeStatus, ProvisionError> {
     let info = docker
         .inspect_container(container, None)
@@ -697,8 +880,15 @@ async fn status_of(
         .pid
         .filter(|p| *p > 0 && power != PowerState::Off)
         .and_then(|p| u32::try_from(p).ok());
-    let link_up = match (pid, host_veth(docker, host, container).await) {
-        (Some(_), Ok(veth)) => std::fs::read_to_string(format!("/sys/class/net/{veth}/flags"))
+    // On an overlay network the veth's peer is in the engine's overlay namespace, where an
+    // interface of the same index on the host is another link.
+    let veth = if swarm {
+        None
+    } else {
+        host_veth(docker, host, container).await.ok()
+    };
+    let link_up = match (pid, veth) {
+        (Some(_), Some(veth)) => std::fs::read_to_string(format!("/sys/class/net/{veth}/flags"))
             .ok()
             .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
             .is_none_or(|flags| flags & 1 == 1),
@@ -784,6 +974,7 @@ mod tests {
                 mtu: 1500,
                 firewall: vec![],
                 airgapped: false,
+                lab_netns: None,
             },
             nodes: vec![
                 node(
@@ -800,7 +991,7 @@ mod tests {
             created: String::new(),
         };
         let p = DockerProvisioner::new(DockerOptions {
-            host: Some("unix:///nonexistent.sock".into()),
+            hosts: vec!["unix:///nonexistent.sock".into()],
             cpus: Some(0.5),
             memory_mib: None,
         });

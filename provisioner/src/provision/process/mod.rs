@@ -97,6 +97,7 @@ impl Provisioner for ProcessProvisioner {
             },
             pause: Ok(()),
             slots: Ok(()),
+            airgap: Ok(()),
         }
     }
 

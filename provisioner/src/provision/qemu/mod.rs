@@ -294,6 +294,7 @@ impl Provisioner for QemuProvisioner {
             } else {
                 Ok(())
             },
+            airgap: Ok(()),
         }
     }
 
@@ -610,6 +611,7 @@ mod tests {
                 mtu: 1500,
                 firewall: vec![],
                 airgapped: false,
+                lab_netns: None,
             },
             nodes: vec![crate::state::NodeState {
                 name: "cp-1".into(),
