@@ -11,7 +11,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kiln_e2e::{Env, assert_alive, assert_no_leaks, free_cidr, owned};
+use kiln_e2e::{Env, assert_alive, assert_no_leaks, etcd_client, free_cidr, owned};
 use kiln_os_api::wait::{Poll, until_blocking};
 use kiln_test_tiers::{Tier, skip_unless};
 
@@ -281,34 +281,11 @@ fn the_guides_reset_then_recover_sequence_runs_back_to_back() {
         .collect();
 
     // Keys written before the snapshot, through a real etcd client with the cluster's etcd CA.
-    let secrets = kiln_pki::SecretsBundle::from_yaml(
-        &std::fs::read_to_string(dir.join("secrets.yaml")).unwrap(),
-    )
-    .unwrap();
-    let ca = secrets.etcd_ca().unwrap();
-    let leaf = ca
-        .issue(&kiln_pki::LeafRequest::client("e2e", "e2e"))
-        .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let connect = |endpoints: Vec<String>| {
-        let tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(ca.cert_pem()))
-            .identity(etcd_client::Identity::from_pem(
-                leaf.cert_pem.clone(),
-                leaf.key_pem.clone(),
-            ));
-        let opts = etcd_client::ConnectOptions::new()
-            .with_tls(tls)
-            .with_timeout(Duration::from_secs(5));
-        let urls: Vec<String> = endpoints
-            .iter()
-            .map(|a| format!("https://{a}:2379"))
-            .collect();
-        rt.block_on(etcd_client::Client::connect(urls, Some(opts)))
-    };
+    let connect = |endpoints: Vec<String>| etcd_client(&rt, &dir, &endpoints);
     let mut etcd = connect(cps.clone()).unwrap();
     for i in 0..100 {
         rt.block_on(etcd.put(format!("/e2e/{i:03}"), "v", None))

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kiln_e2e::{Env, free_cidr, link_exists, machined_bin};
+use kiln_e2e::{Env, etcd_client, free_cidr, link_exists, machined_bin};
 use kiln_os_api::wait::{Poll, until_blocking};
 use kiln_test_tiers::dockerd::{Firewall, SwarmPair, TestEngine};
 use kiln_test_tiers::{Tier, skip_unless};
@@ -371,34 +371,11 @@ fn docker_cluster_over_two_swarm_engines_keeps_quorum_and_every_write_when_one_e
     ]);
     assert!(refused.contains("overlay"), "{refused}");
 
-    let secrets = kiln_pki::SecretsBundle::from_yaml(
-        &std::fs::read_to_string(state.join("secrets.yaml")).unwrap(),
-    )
-    .unwrap();
-    let ca = secrets.etcd_ca().unwrap();
-    let leaf = ca
-        .issue(&kiln_pki::LeafRequest::client("e2e", "e2e"))
-        .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let connect = |endpoints: &[String]| {
-        let tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(ca.cert_pem()))
-            .identity(etcd_client::Identity::from_pem(
-                leaf.cert_pem.clone(),
-                leaf.key_pem.clone(),
-            ));
-        let opts = etcd_client::ConnectOptions::new()
-            .with_tls(tls)
-            .with_timeout(Duration::from_secs(5));
-        let urls: Vec<String> = endpoints
-            .iter()
-            .map(|a| format!("https://{a}:2379"))
-            .collect();
-        rt.block_on(etcd_client::Client::connect(urls, Some(opts)))
-    };
+    let connect = |endpoints: &[String]| etcd_client(&rt, &state, endpoints);
     let mut acked = 0;
     let mut etcd = connect(&nodes_a).unwrap();
     for i in 0..50 {

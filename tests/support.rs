@@ -377,3 +377,32 @@ pub fn assert_no_leaks(o: &Owned) {
         assert!(!link_exists(l), "link {l} is left");
     }
 }
+
+/// An etcd client of the cluster whose state directory is `dir`, with a client certificate
+/// issued from its etcd CA (`secrets.yaml`), for the node addresses `endpoints` (port 2379),
+/// with a 5 s timeout. The caller's `rt` drives it.
+pub fn etcd_client(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    endpoints: &[String],
+) -> Result<etcd_client::Client, etcd_client::Error> {
+    let secrets = kiln_pki::SecretsBundle::from_yaml(
+        &std::fs::read_to_string(dir.join("secrets.yaml")).unwrap(),
+    )
+    .unwrap();
+    let ca = secrets.etcd_ca().unwrap();
+    let leaf = ca
+        .issue(&kiln_pki::LeafRequest::client("e2e", "e2e"))
+        .unwrap();
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(ca.cert_pem()))
+        .identity(etcd_client::Identity::from_pem(leaf.cert_pem, leaf.key_pem));
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_timeout(Duration::from_secs(5));
+    let urls: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("https://{a}:2379"))
+        .collect();
+    rt.block_on(etcd_client::Client::connect(urls, Some(opts)))
+}

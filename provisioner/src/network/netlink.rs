@@ -162,33 +162,54 @@ pub async fn create_node(handle: &Handle, link: &NodeLink) -> Result<(), Netlink
         .map_err(err(format!("attaching {} to {}", link.veth, link.bridge)))?;
     let ns = std::fs::File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
     if let Some(peer_idx) = index_of(handle, &peer).await? {
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer_idx)
-                    .setns_by_fd(ns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(err(format!("moving {peer} into {}", link.netns)))?;
+        move_into(handle, peer_idx, &ns, &link.netns).await?;
     }
     let link = link.clone();
-    // Configuring the inside needs a netlink socket in the namespace: a thread that enters it.
+    in_netns(ns, link.netns.clone(), move || async move {
+        configure_inside(&link, &peer).await
+    })
+}
+
+/// Moves the link with index `idx` into the namespace `ns` (called `name`).
+async fn move_into(
+    handle: &Handle,
+    idx: u32,
+    ns: &std::fs::File,
+    name: &str,
+) -> Result<(), NetlinkError> {
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(idx)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(err(format!("moving link {idx} into {name}")))
+}
+
+/// Runs `f` in the network namespace `ns` (called `name`): configuring the inside needs a
+/// netlink socket there, so a thread enters it and runs `f` on a runtime of its own.
+fn in_netns<F, Fut>(ns: std::fs::File, name: String, f: F) -> Result<(), NetlinkError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), NetlinkError>>,
+{
     std::thread::spawn(move || -> Result<(), NetlinkError> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError {
-            action: format!("entering {}", link.netns),
+            action: format!("entering {name}"),
             reason: e.to_string(),
         })?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(io_err("starting a runtime"))?;
-        rt.block_on(configure_inside(&link, &peer))
+        rt.block_on(f())
     })
     .join()
     .map_err(|_| NetlinkError {
-        action: "configuring the node namespace".into(),
+        action: "configuring a network namespace".into(),
         reason: "the thread panicked".into(),
     })?
 }
@@ -295,16 +316,7 @@ pub async fn create_routed_link(handle: &Handle, link: &RoutedLink) -> Result<()
         action: format!("creating veth {}", link.veth),
         reason: "its peer vanished".into(),
     })?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(peer_idx)
-                .setns_by_fd(ns.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(err(format!("moving {peer} into {}", link.netns)))?;
+    move_into(handle, peer_idx, &ns, &link.netns).await?;
     let host = index_of(handle, &link.veth)
         .await?
         .ok_or_else(|| NetlinkError {
@@ -327,53 +339,38 @@ pub async fn create_routed_link(handle: &Handle, link: &RoutedLink) -> Result<()
         .await
         .map_err(err(format!("bringing {} up", link.veth)))?;
     let inside = link.clone();
-    std::thread::spawn(move || -> Result<(), NetlinkError> {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError {
-            action: format!("entering {}", inside.netns),
-            reason: e.to_string(),
-        })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io_err("starting a runtime"))?;
-        rt.block_on(async {
-            let handle = connect()?;
-            let idx = index_of(&handle, &peer)
-                .await?
-                .ok_or_else(|| NetlinkError {
-                    action: format!("configuring {}", inside.netns),
-                    reason: format!("{peer} is missing"),
-                })?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(idx)
-                        .name(inside.inside.clone())
-                        .mtu(inside.mtu)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(err(format!("renaming {peer} to {}", inside.inside)))?;
-            handle
-                .address()
-                .add(idx, IpAddr::V4(inside.inside_address), inside.prefix)
-                .execute()
-                .await
-                .map_err(err(format!("adding {}", inside.inside_address)))?;
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
-                .execute()
-                .await
-                .map_err(err(format!("bringing {} up", inside.inside)))
-        })
-    })
-    .join()
-    .map_err(|_| NetlinkError {
-        action: format!("configuring {}", link.netns),
-        reason: "the thread panicked".into(),
-    })??;
+    in_netns(ns, link.netns.clone(), move || async move {
+        let handle = connect()?;
+        let idx = index_of(&handle, &peer)
+            .await?
+            .ok_or_else(|| NetlinkError {
+                action: format!("configuring {}", inside.netns),
+                reason: format!("{peer} is missing"),
+            })?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(idx)
+                    .name(inside.inside.clone())
+                    .mtu(inside.mtu)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(err(format!("renaming {peer} to {}", inside.inside)))?;
+        handle
+            .address()
+            .add(idx, IpAddr::V4(inside.inside_address), inside.prefix)
+            .execute()
+            .await
+            .map_err(err(format!("adding {}", inside.inside_address)))?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).up().build())
+            .execute()
+            .await
+            .map_err(err(format!("bringing {} up", inside.inside)))
+    })?;
     let (dest, prefix) = link
         .routed
         .split_once('/')

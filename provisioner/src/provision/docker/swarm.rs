@@ -62,6 +62,13 @@ pub fn veth_name(dir: &StateDir) -> String {
 /// Docker's own gateway of the overlay network: the last host address of `cidr`, so the
 /// lab's gateway address (the first) is free for the gateway container.
 pub fn overlay_gateway(cidr: &str) -> Option<Ipv4Addr> {
+    let (network, mask, _) = swarm_cidr(cidr)?;
+    Some(Ipv4Addr::from((network | !mask) - 1))
+}
+
+/// The network address, mask and prefix of an IPv4 `cidr` a swarm cluster can use: `/28` or
+/// larger (its last quarter goes to Docker, see [`overlay_dynamic_range`]).
+fn swarm_cidr(cidr: &str) -> Option<(u32, u32, u32)> {
     let (addr, prefix) = cidr.split_once('/')?;
     let addr: Ipv4Addr = addr.parse().ok()?;
     let prefix: u32 = prefix.parse().ok()?;
@@ -69,8 +76,7 @@ pub fn overlay_gateway(cidr: &str) -> Option<Ipv4Addr> {
         return None;
     }
     let mask = u32::MAX << (32 - prefix);
-    let broadcast = (u32::from(addr) & mask) | !mask;
-    Some(Ipv4Addr::from(broadcast - 1))
+    Some((u32::from(addr) & mask, mask, prefix))
 }
 
 /// The range Docker allocates from on its own (the last quarter of `cidr`, `/28` or larger),
@@ -78,15 +84,9 @@ pub fn overlay_gateway(cidr: &str) -> Option<Ipv4Addr> {
 /// network's load-balancer endpoint, and without a range it takes the first free ones, the
 /// nodes' (`Address already in use` when a node's container starts).
 pub fn overlay_dynamic_range(cidr: &str) -> Option<(String, Ipv4Addr)> {
-    let (addr, prefix) = cidr.split_once('/')?;
-    let addr: Ipv4Addr = addr.parse().ok()?;
-    let prefix: u32 = prefix.parse().ok()?;
-    if !(1..=28).contains(&prefix) {
-        return None;
-    }
-    let mask = u32::MAX << (32 - prefix);
+    let (network, _, prefix) = swarm_cidr(cidr)?;
     let quarter = 1u32 << (32 - prefix - 2);
-    let start = (u32::from(addr) & mask) + 3 * quarter;
+    let start = network + 3 * quarter;
     Some((
         format!("{}/{}", Ipv4Addr::from(start), prefix + 2),
         Ipv4Addr::from(start),
