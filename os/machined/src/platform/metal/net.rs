@@ -378,6 +378,21 @@ pub async fn apply_step(handle: &Handle, step: &Step) -> Result<(), PlatformErro
 }
 
 async fn create_step(handle: &Handle, step: &Step) -> Result<(), PlatformError> {
+    let module = match step {
+        Step::Bond(_) => Some("bonding"),
+        Step::Bridge { .. } => Some("bridge"),
+        Step::Vlan { .. } => Some("8021q"),
+        Step::Enslave { .. } | Step::Configure(_) => None,
+    };
+    if let Some(m) = module {
+        // Usually loaded already (in the background since boot); if it cannot be, creating
+        // the link says so.
+        match tokio::task::spawn_blocking(move || super::init::ensure_module(m)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!("loading {m}: {e}"),
+            Err(e) => tracing::debug!("loading {m}: {e}"),
+        }
+    }
     match step {
         Step::Bond(b) => create(handle, &b.name, "bond", bond_message(b)).await,
         Step::Bridge { name, stp } => {
