@@ -16,6 +16,11 @@ pub use runner::{CommandSpec, RunOutcome, run_process};
 use crate::events::{EventBus, EventKind};
 use crate::logbuf::LogBuffer;
 
+/// How often a service's health is checked until its first good check, for at most
+/// [`STARTING_HEALTH_WINDOW`] after it started (then [`Service::health_interval`]).
+const STARTING_HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+/// See [`STARTING_HEALTH_INTERVAL`].
+const STARTING_HEALTH_WINDOW: Duration = Duration::from_secs(30);
 /// Service states, as the guides show them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceState {
@@ -615,11 +620,24 @@ impl Supervisor {
                     tracing::warn!(service = h.id, "post-start: {e}");
                     h.log.write(format!("post-start failed: {e}\n").as_bytes());
                 }
+                let mut starting = true;
+                let started = tokio::time::Instant::now();
                 loop {
                     if let Some(result) = h.service.health_check().await {
+                        starting &= result.is_err();
                         h.set_health(result);
                     }
-                    tokio::time::sleep(h.service.health_interval()).await;
+                    // Until its first good check (for a while) a service is looked at again
+                    // soon: it is usually healthy a moment after it starts, and dependents
+                    // wait for that.
+                    starting &= started.elapsed() < STARTING_HEALTH_WINDOW;
+                    let interval = h.service.health_interval();
+                    tokio::time::sleep(if starting {
+                        interval.min(STARTING_HEALTH_INTERVAL)
+                    } else {
+                        interval
+                    })
+                    .await;
                 }
             };
             let outcome = tokio::select! {

@@ -16,6 +16,7 @@ struct Sh {
     policy: RestartPolicy,
     healthy: Option<Arc<AtomicBool>>,
     grace: Duration,
+    health_interval: Duration,
 }
 
 fn sh(id: &'static str, script: &str) -> Sh {
@@ -26,6 +27,7 @@ fn sh(id: &'static str, script: &str) -> Sh {
         policy: RestartPolicy::Always,
         healthy: None,
         grace: Duration::from_secs(5),
+        health_interval: Duration::from_millis(50),
     }
 }
 
@@ -60,7 +62,7 @@ impl Service for Sh {
         })
     }
     fn health_interval(&self) -> Duration {
-        Duration::from_millis(50)
+        self.health_interval
     }
     fn stop_grace(&self) -> Duration {
         self.grace
@@ -123,6 +125,34 @@ async fn dependent_waits_until_dependency_is_healthy() {
     for s in sup.list() {
         assert_eq!(s.state, ServiceState::Finished, "{}", s.id);
     }
+}
+
+#[tokio::test]
+async fn a_starting_service_is_seen_healthy_soon_though_its_interval_is_long() {
+    let sup = supervisor();
+    let healthy = Arc::new(AtomicBool::new(false));
+    sup.add(Arc::new(Sh {
+        healthy: Some(healthy.clone()),
+        health_interval: Duration::from_secs(600),
+        ..sh("db", "exec sleep 60")
+    }));
+    sup.wait_for("db", "a failed first check", T, |s| {
+        s.events
+            .iter()
+            .any(|e| e.message.contains("Health check failed"))
+    })
+    .await
+    .unwrap();
+    healthy.store(true, Ordering::SeqCst);
+    // Not 600 s: until the first good check it is looked at every 200 ms.
+    sup.wait_for("db", "healthy", Duration::from_secs(5), |s| {
+        s.events
+            .iter()
+            .any(|e| e.message.contains("Health check successful"))
+    })
+    .await
+    .unwrap();
+    sup.stop_all().await;
 }
 
 #[tokio::test]
