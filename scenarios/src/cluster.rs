@@ -707,22 +707,28 @@ pub fn node_error<'a>(mds: impl Iterator<Item = Option<&'a pb::Metadata>>) -> an
 
 /// One write of the background writer through a load balancer, on a new connection as a
 /// client behind it would make. When etcd itself answers with an error (a leader change while
-/// a member is removed or leadership moves), the endpoint was up: the put is sent once more,
-/// as etcd's clients do. A connection that cannot be made, or no answer within `deadline`
-/// (3 s; more for QEMU nodes), fails.
+/// a member is removed or leadership moves, or the member closing the connection as it stops:
+/// HTTP/2 GOAWAY), the endpoint was up: the put is sent once more on a new connection (the old
+/// one may be the closed one, and the balancer picks a member that is still there), as etcd's
+/// clients do. A connection that cannot be made, or no answer within `deadline` (3 s; more for
+/// QEMU nodes), fails.
 async fn put_through(
     endpoint: &str,
     options: &etcd_client::ConnectOptions,
     deadline: Duration,
     key: &str,
 ) -> Result<(), String> {
-    let attempt = async {
-        let mut c = etcd_client::Client::connect([endpoint], Some(options.clone()))
+    let connect = || async {
+        etcd_client::Client::connect([endpoint], Some(options.clone()))
             .await
-            .map_err(|e| format!("connecting through {endpoint}: {e}"))?;
+            .map_err(|e| format!("connecting through {endpoint}: {e}"))
+    };
+    let attempt = async {
+        let mut c = connect().await?;
         match c.put(key, "kiln-scenario", None).await {
             Ok(_) => Ok(()),
-            Err(etcd_client::Error::GRpcStatus(first)) => c
+            Err(etcd_client::Error::GRpcStatus(first)) => connect()
+                .await?
                 .put(key, "kiln-scenario", None)
                 .await
                 .map(|_| ())

@@ -431,10 +431,13 @@ impl Legacy {
                 }
             })
             .collect();
-        let deadline = if state.provisioner == kiln_provisioner::provision::qemu::NAME {
-            Duration::from_secs(12)
-        } else {
-            Duration::from_secs(3)
+        // One write's deadline (a new TLS connection through HAProxy and the put, sent once
+        // more after an etcd error). Containers get more than processes: a write that met a
+        // leader change on docker nodes beside a CI run once took longer than 3 s.
+        let deadline = match state.provisioner.as_str() {
+            kiln_provisioner::provision::qemu::NAME => Duration::from_secs(12),
+            kiln_provisioner::provision::docker::NAME => Duration::from_secs(6),
+            _ => Duration::from_secs(3),
         };
         let mut legacy = Self {
             deadline,
