@@ -358,10 +358,15 @@ impl Provisioner for DockerProvisioner {
             .bridge
             .clone()
             .unwrap_or_else(|| bridge_name(dir));
-        let mut options = HashMap::from([(
-            "com.docker.network.driver.mtu".to_owned(),
-            state.network.mtu.to_string(),
-        )]);
+        // On an overlay VXLAN adds 50 bytes to every frame between engines: at most 1450
+        // keeps them within a 1500-byte link unfragmented (Docker's own overlay default).
+        let mtu = if section.swarm {
+            state.network.mtu.min(swarm::OVERLAY_MTU)
+        } else {
+            state.network.mtu
+        };
+        let mut options =
+            HashMap::from([("com.docker.network.driver.mtu".to_owned(), mtu.to_string())]);
         let (docker_gateway, ip_range) = if section.swarm {
             // The lab's gateway address is the gateway container's; Docker's own gateway of
             // the overlay (an address on each engine's hidden bridge) moves to the last one,
@@ -418,7 +423,7 @@ impl Provisioner for DockerProvisioner {
             .map_err(api(&host, format!("creating network {network}")))?;
         if section.swarm {
             progress.note(format!(
-                "Docker overlay network {network} ({}) over {} engines of a swarm",
+                "Docker overlay network {network} ({}, MTU {mtu}) over {} engines of a swarm",
                 state.network.cidr,
                 cluster_hosts(state).len()
             ));

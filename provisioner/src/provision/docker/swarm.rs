@@ -44,6 +44,9 @@ const LINK_PREFIX: u8 = 30;
 /// The name of the veth's end inside the gateway's namespace.
 const LAB_LINK_NAME: &str = "lab0";
 
+/// The most an overlay network's MTU is: a 1500-byte link less VXLAN's 50 bytes.
+pub const OVERLAY_MTU: u32 = 1450;
+
 /// The gateway container's name.
 pub fn gateway_container(dir: &StateDir, state: &ClusterState) -> String {
     format!("{}-gateway-{}", state.name, dir.id())
@@ -234,7 +237,7 @@ pub async fn start_gateway(
             host_address: HOST_LINK,
             inside_address: LAB_LINK,
             prefix: LINK_PREFIX,
-            mtu: state.network.mtu,
+            mtu: state.network.mtu.min(OVERLAY_MTU),
             routed: state.network.cidr.clone(),
         },
     )
