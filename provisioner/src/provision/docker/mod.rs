@@ -543,18 +543,7 @@ impl Provisioner for DockerProvisioner {
                 init: Some(false),
                 ..Default::default()
             }),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    section.network.clone(),
-                    EndpointSettings {
-                        ipam_config: Some(EndpointIpamConfig {
-                            ipv4_address: Some(address.to_string()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                )])),
-            }),
+            networking_config: Some(static_address(&section.network, address)),
             ..Default::default()
         };
         docker
@@ -690,16 +679,8 @@ impl Provisioner for DockerProvisioner {
                     })
                     .map_err(api(&host, what))?;
             }
-            PowerAction::Start => docker
-                .start_container(c, None)
+            PowerAction::Start => start_container(&docker, c)
                 .await
-                .or_else(|e| match e {
-                    // Already running.
-                    bollard::errors::Error::DockerResponseServerError {
-                        status_code: 304, ..
-                    } => Ok(()),
-                    e => Err(e),
-                })
                 .map_err(api(&host, what))?,
             PowerAction::Reset => docker
                 .restart_container(
@@ -852,6 +833,32 @@ async fn remove_volumes_and_networks(
     }
     engine::remove_unused_node_images(docker).await;
     Ok(())
+}
+
+/// Attaches a container to `network` at `address`.
+fn static_address(network: &str, address: std::net::Ipv4Addr) -> NetworkingConfig {
+    NetworkingConfig {
+        endpoints_config: Some(HashMap::from([(
+            network.to_owned(),
+            EndpointSettings {
+                ipam_config: Some(EndpointIpamConfig {
+                    ipv4_address: Some(address.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )])),
+    }
+}
+
+/// Starts a container; one already running is fine (304).
+async fn start_container(docker: &Docker, container: &str) -> Result<(), bollard::errors::Error> {
+    match docker.start_container(container, None).await {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        r => r,
+    }
 }
 
 /// A tar of the directory `dir`'s contents (paths relative to it).

@@ -24,10 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use bollard::Docker;
-use bollard::models::{
-    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, LocalNodeState,
-    NetworkingConfig,
-};
+use bollard::models::{ContainerCreateBody, HostConfig, LocalNodeState};
 use bollard::query_parameters::CreateContainerOptions;
 
 use super::{CLUSTER_LABEL, api, unavailable_reason};
@@ -173,18 +170,7 @@ pub async fn start_gateway(
                 init: Some(false),
                 ..Default::default()
             }),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    network.to_owned(),
-                    EndpointSettings {
-                        ipam_config: Some(EndpointIpamConfig {
-                            ipv4_address: Some(gateway.to_string()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                )])),
-            }),
+            networking_config: Some(super::static_address(network, gateway)),
             ..Default::default()
         };
         docker
@@ -198,15 +184,8 @@ pub async fn start_gateway(
             .await
             .map_err(api(host, format!("creating the gateway container {name}")))?;
     }
-    docker
-        .start_container(&name, None)
+    super::start_container(docker, &name)
         .await
-        .or_else(|e| match e {
-            bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            } => Ok(()),
-            e => Err(e),
-        })
         .map_err(api(host, format!("starting the gateway container {name}")))?;
     let pid = docker
         .inspect_container(&name, None)
