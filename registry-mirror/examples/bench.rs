@@ -14,6 +14,11 @@
 //! Sizes: KILN_BENCH_LARGE_MB (default 256), KILN_BENCH_SMALL_COUNT (default 1000),
 //! KILN_BENCH_SMALL_KB (default 16), KILN_BENCH_LAYER_MB (default 32, four layers),
 //! KILN_BENCH_ROUNDS (default 3: direct, cold and warm pulls, a new mirror each round).
+//! Parts: KILN_BENCH_PARTS, a comma-separated subset of `throughput,pull,peer` (default all:
+//! the throughput tables, the image pulls through the mirror, the peer's pull-through cache
+//! beside them), e.g. `KILN_BENCH_PARTS=pull` to profile the mirror alone. To profile only
+//! the cold pulls: `mkfifo ctl ack; KILN_BENCH_PERF_CTL=ctl KILN_BENCH_PERF_ACK=ack perf record
+//! -g --control fifo:ctl,ack -D -1 -- target/release/examples/registry-bench`.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -32,6 +37,23 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Profiles only the cold pulls: with `KILN_BENCH_PERF_CTL=FIFO` (and `KILN_BENCH_PERF_ACK`),
+/// writes `enable`/`disable` to a `perf record --control fifo:FIFO,ACK -D -1` around each one.
+fn perf_control(cmd: &str) {
+    use std::io::{Read as _, Write as _};
+    let Some(ctl) = std::env::var_os("KILN_BENCH_PERF_CTL") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(ctl) {
+        let _ = writeln!(f, "{cmd}");
+    }
+    if let Some(ack) = std::env::var_os("KILN_BENCH_PERF_ACK")
+        && let Ok(mut f) = std::fs::File::open(ack)
+    {
+        let _ = f.read(&mut [0u8; 5]);
+    }
 }
 
 /// CPU time (user + system) of a process so far, from `/proc/<pid>/stat` (10 ms ticks).
@@ -401,42 +423,78 @@ async fn pull_image(
     Ok((t.elapsed(), total, first))
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
-    let large_mb = env_or("KILN_BENCH_LARGE_MB", 256);
-    let small_count = env_or("KILN_BENCH_SMALL_COUNT", 1000);
-    let small_kb = env_or("KILN_BENCH_SMALL_KB", 16);
-    let layer_mb = env_or("KILN_BENCH_LAYER_MB", 32);
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()?;
-    let large = data(1, large_mb << 20);
-    let small: Vec<Bytes> = (0..small_count)
-        .map(|i| data(100 + i as u64, small_kb << 10))
-        .collect();
+/// What storing `mib` MiB costs on this machine, without any registry: written to a new file
+/// (the page cache takes new pages, as a cold pull's store does), again right after that file
+/// was deleted (its pages are reused), and over the cached file in place. On a virtual machine
+/// whose host takes back the guest's free memory (free page reporting), the first is many
+/// times the others: every new page is faulted in by the host. The direct pull pays none of
+/// this (the upstream serves from a warm page cache); a cold pull through any caching mirror
+/// pays it once per byte stored.
+fn fresh_page_cost(mib: usize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir()?;
+    let buf = vec![0x5au8; 1 << 20];
+    let write = |path: &std::path::Path, truncate: bool| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(truncate)
+            .open(path)?;
+        for _ in 0..mib {
+            f.write_all(&buf)?;
+        }
+        Ok(t.elapsed())
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let new = write(&a, true)?;
+    std::fs::remove_file(&a)?;
+    let reused = write(&b, true)?;
+    let cached = write(&b, false)?;
+    println!(
+        "storing {mib} MiB on this machine (no registry): into a new file {:.1} ms, again right after deleting it {:.1} ms, over the cached file {:.1} ms",
+        new.as_secs_f64() * 1e3,
+        reused.as_secs_f64() * 1e3,
+        cached.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The throughput tables: one large blob, many small blobs, and the small blobs again with
+/// `wrk`, this registry beside `docker-registry`.
+async fn throughput(
+    http: &reqwest::Client,
+    docker: Option<&DockerRegistry>,
+    large: &Bytes,
+    small: &[Bytes],
+) -> anyhow::Result<()> {
     println!(
         "registry blob pull throughput on loopback ({} cores; client in the same process)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("  large: one {large_mb} MiB blob, one client, best of 3");
     println!(
-        "  small: {small_count} blobs of {small_kb} KiB, {CLIENTS} concurrent clients, each pulls every blob"
+        "  large: one {} MiB blob, one client, best of 3",
+        large.len() >> 20
+    );
+    println!(
+        "  small: {} blobs of {} KiB, {CLIENTS} concurrent clients, each pulls every blob",
+        small.len(),
+        small.first().map_or(0, |b| b.len() >> 10)
     );
     println!(
         "{:<22} {:>14} {:>14} {:>14}",
         "registry", "large MiB/s", "small req/s", "small MiB/s"
     );
     let ours = start_ours(None).await?;
-    let t = measure(&http, &ours.url, &large, &small).await?;
+    let t = measure(http, &ours.url, large, small).await?;
     println!(
         "{:<22} {:>14.1} {:>14.0} {:>14.1}",
         "kiln-registry-mirror", t.large_mbps, t.small_rps, t.small_mbps
     );
     let mut small_rates = vec![("kiln-registry-mirror", ours.url.clone(), t)];
-    let docker = start_docker_registry(None).await?;
-    match &docker {
+    match docker {
         Some(d) => {
-            let t = measure(&http, &d.url, &large, &small).await?;
+            let t = measure(http, &d.url, large, small).await?;
             println!(
                 "{:<22} {:>14.1} {:>14.0} {:>14.1}",
                 "docker-registry", t.large_mbps, t.small_rps, t.small_mbps
@@ -463,6 +521,32 @@ async fn main() -> anyhow::Result<()> {
         println!("{name:<22} {:>18.0} {wrk:>18}", t.small_rps);
     }
 
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let large_mb = env_or("KILN_BENCH_LARGE_MB", 256);
+    let small_count = env_or("KILN_BENCH_SMALL_COUNT", 1000);
+    let small_kb = env_or("KILN_BENCH_SMALL_KB", 16);
+    let layer_mb = env_or("KILN_BENCH_LAYER_MB", 32);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let large = data(1, large_mb << 20);
+    let small: Vec<Bytes> = (0..small_count)
+        .map(|i| data(100 + i as u64, small_kb << 10))
+        .collect();
+    let parts =
+        std::env::var("KILN_BENCH_PARTS").unwrap_or_else(|_| "throughput,pull,peer".to_owned());
+    let part = |p: &str| parts.split(',').any(|x| x.trim() == p);
+    let docker = start_docker_registry(None).await?;
+    if part("throughput") {
+        throughput(&http, docker.as_ref(), &large, &small).await?;
+    }
+    if !part("pull") {
+        return Ok(());
+    }
     // Mirror: cold and warm pulls of a 4-layer image.
     let (upstream_url, upstream_name, _own_upstream) = match &docker {
         Some(d) => (d.url.clone(), "docker-registry", None),
@@ -475,6 +559,7 @@ async fn main() -> anyhow::Result<()> {
     push_image(&http, &upstream_url, &layers).await?;
     let rounds = env_or("KILN_BENCH_ROUNDS", 3).max(1);
     println!();
+    fresh_page_cost(4 * layer_mb)?;
     println!(
         "image pull through the mirror (upstream: {upstream_name}; 4 layers of {layer_mb} MiB + config, blobs pulled concurrently; {rounds} rounds, each: direct, then cold through a new mirror with empty storage, then warm)"
     );
@@ -495,10 +580,14 @@ async fn main() -> anyhow::Result<()> {
                 upstream_pid.map_or(Duration::ZERO, cpu_time),
             )
         };
+        let direct_before = cpu();
         let (direct, n, direct_first) = pull_image(&http, &upstream_url).await?;
+        let direct_after = cpu();
+        perf_control("enable");
         let before = cpu();
         let (cold, _, cold_first) = pull_image(&http, &mirror.url).await?;
         let after = cpu();
+        perf_control("disable");
         let m = mirror.registry.mirror.as_ref().context("mirror")?;
         // Storing (fsync, rename) goes on after the clients' bodies ended: let it finish, so
         // that the warm pull is served from the store and the profile is complete.
@@ -523,7 +612,7 @@ async fn main() -> anyhow::Result<()> {
         // The peer: docker-registry as a pull-through cache of the same upstream, new and
         // empty each round, the same client.
         let peer = match docker {
-            Some(_) => match start_docker_registry(Some(&upstream_url)).await? {
+            Some(_) if part("peer") => match start_docker_registry(Some(&upstream_url)).await? {
                 Some(p) => {
                     let (pcold, _, _) = pull_image(&http, &p.url).await?;
                     let (pwarm, _, _) = pull_image(&http, &p.url).await?;
@@ -537,7 +626,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => String::new(),
             },
-            None => String::new(),
+            _ => String::new(),
         };
         println!(
             "  round {round}: direct {:>6.3} s (first blob byte {:>5.1} ms; {:.1} MiB)   cold {:>6.3} s (first blob byte {:>5.1} ms; {ratio:.2} x direct)   warm {:>6.3} s{peer}",
@@ -549,7 +638,9 @@ async fn main() -> anyhow::Result<()> {
             warm.as_secs_f64(),
         );
         println!(
-            "    cold pull CPU time: this process (mirror and client) {:.0} ms, upstream {:.0} ms, in {:.0} ms of wall time on {} cores",
+            "    CPU time (10 ms ticks) of the direct pull: client {:.0} ms, upstream {:.0} ms; of the cold pull: this process (mirror and client) {:.0} ms, upstream {:.0} ms, in {:.0} ms of wall time on {} cores",
+            ms(direct_after.0.saturating_sub(direct_before.0)),
+            ms(direct_after.1.saturating_sub(direct_before.1)),
             ms(after.0.saturating_sub(before.0)),
             ms(after.1.saturating_sub(before.1)),
             ms(cold),
