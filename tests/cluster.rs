@@ -528,3 +528,128 @@ fn destroy_of_a_root_cluster_without_root_removes_nothing() {
     root.ok(&["cluster", "destroy", "--name", name]);
     assert_no_leaks(&objects);
 }
+
+/// A tool outside the lab (the kubeadm rehearsal) records what it makes beside a cluster as an
+/// attachment; `kiln cluster destroy` removes it when the tool could not: processes by pid
+/// file, links only with the cluster's owner mark, namespaces by name, and nothing else.
+#[test]
+fn destroy_removes_what_a_tool_attached_to_the_cluster_and_nothing_else() {
+    skip_unless!(Tier::Root, Tier::Etcd);
+    let env = Env::new(None);
+    let base = env.home.join(".kiln/clusters");
+    let cidr = free_cidr(&base, 86);
+    let name = "it-attach";
+    env.ok(&[
+        "cluster",
+        "create",
+        "--name",
+        name,
+        "--cidr",
+        &cidr,
+        "--workers",
+        "0",
+        "--wait=false",
+    ]);
+    let dir = kiln_provisioner::state::StateDir::new(&base, name);
+    let bridge = state_yaml(&dir.dir)["network"]["bridge"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let tag = std::process::id() % 100_000;
+    let (ns, ns_other) = (format!("kiln-{name}-tool"), format!("kiln-{name}-other"));
+    let (marked, unmarked) = (format!("kat{tag}m"), format!("kat{tag}u"));
+    // What the tool records: a namespace with a marked veth on the bridge and a process in it,
+    // a link of a recorded name that does not carry the mark (someone else's).
+    dir.attach(
+        "tool",
+        &kiln_provisioner::state::Attachment {
+            pid_dirs: vec![dir.dir.join("tool")],
+            links: vec![marked.clone(), unmarked.clone()],
+            netns: vec![ns.clone()],
+        },
+    )
+    .unwrap();
+    ip(&["netns", "add", &ns]);
+    ip(&["netns", "add", &ns_other]);
+    ip(&[
+        "link", "add", &marked, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ]);
+    ip(&["link", "set", &marked, "master", &bridge]);
+    ip(&["link", "set", &marked, "alias", &dir.owner_mark()]);
+    ip(&[
+        "link",
+        "add",
+        &unmarked,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{unmarked}p"),
+    ]);
+    std::fs::create_dir_all(dir.dir.join("tool/node-1")).unwrap();
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", &ns, "sleep", "600"])
+        .spawn()
+        .unwrap();
+    kiln_provisioner::daemon::write_pidfile(&dir.dir.join("tool/node-1/sleep.pid"), sleeper.id())
+        .unwrap();
+
+    env.ok(&["cluster", "destroy", "--name", name]);
+    // The sleeper is this test's child: reaped here once destroy stopped it.
+    let stopped = until_blocking(
+        "the attached process to stop",
+        Poll::every(Duration::from_millis(100), Duration::from_secs(10)),
+        || match sleeper.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(()),
+        },
+    )
+    .is_ok();
+    let namespaces = kiln_e2e::netns();
+    let left = [
+        (!stopped, "the attached process"),
+        (namespaces.contains(&ns), "the attached namespace"),
+        (kiln_e2e::link_exists(&marked), "the attached link"),
+        (dir.dir.exists(), "the state directory"),
+    ];
+    // Not the cluster's: must be left alone.
+    let removed = [
+        (
+            !namespaces.contains(&ns_other),
+            "a namespace nobody recorded",
+        ),
+        (
+            !kiln_e2e::link_exists(&unmarked),
+            "a link without the cluster's mark",
+        ),
+    ];
+    // Clean up whatever the outcome, then judge.
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    for n in [&ns, &ns_other] {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", n])
+            .stderr(Stdio::null())
+            .status();
+    }
+    for l in [&marked, &unmarked] {
+        let _ = Command::new("ip")
+            .args(["link", "delete", l])
+            .stderr(Stdio::null())
+            .status();
+    }
+    for (bad, what) in left {
+        assert!(!bad, "{what} is left after destroy");
+    }
+    for (bad, what) in removed {
+        assert!(!bad, "destroy removed {what}");
+    }
+}

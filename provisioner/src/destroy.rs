@@ -1,6 +1,7 @@
-//! Destroying a cluster, written once for every provisioner: the helpers recorded in
-//! `state.yaml` (by pid file and start time), then the provisioner's nodes and network (by the
-//! names in the state and the cluster's owner mark), the firewall rules the cluster recorded,
+//! Destroying a cluster, written once for every provisioner: the objects tools attached to it
+//! ([`crate::state::Attachment`]), the provisioner's nodes and network (by the names in the
+//! state and the cluster's owner mark), the helpers recorded in `state.yaml` (by pid file and
+//! start time), the firewall rules the cluster recorded,
 //! the state directory and the cluster's context in the client config. Idempotent, and it works
 //! after a create that was killed halfway. It removes nothing it did not make.
 
@@ -85,6 +86,11 @@ pub async fn destroy(
             bridge: s.network.bridge.clone().unwrap_or_default(),
         });
     }
+    match dir.attachments() {
+        Ok(attached) => remove_attached(dir, &attached, progress).await,
+        Err(e) if !force => return Err(DestroyError::Unreadable(e)),
+        Err(_) => {}
+    }
     if let Some(s) = &state {
         let provisioner = provision::by_name(&s.provisioner)?;
         provisioner.destroy(dir, s, progress).await?;
@@ -126,6 +132,59 @@ pub async fn destroy(
         }),
         _ => Ok(Outcome::Destroyed(state.map(Box::new))),
     }
+}
+
+/// Removes what tools attached to the cluster (see [`crate::state::Attachment`]): stops the
+/// processes of their pid files, then deletes their links (those with the cluster's owner
+/// mark) and namespaces. Best effort, like the rest of a destroy of what is already gone.
+async fn remove_attached(
+    dir: &StateDir,
+    attached: &[(String, crate::state::Attachment)],
+    progress: &Progress,
+) {
+    for (name, a) in attached {
+        progress.phase(format!("removing what {name} attached to the cluster"));
+        let pidfiles: Vec<PathBuf> = a.pid_dirs.iter().flat_map(|d| pidfiles_under(d)).collect();
+        std::thread::scope(|scope| {
+            for p in &pidfiles {
+                scope.spawn(|| daemon::stop_pidfile(p, Duration::from_secs(10)));
+            }
+        });
+        if !a.links.is_empty()
+            && let Ok(handle) = crate::network::netlink::connect()
+        {
+            let mark = dir.owner_mark();
+            for link in &a.links {
+                let _ = crate::network::netlink::delete_marked_link(&handle, link, &mark).await;
+            }
+        }
+        for ns in &a.netns {
+            let _ = crate::network::netlink::delete_netns(ns).await;
+        }
+        dir.detach(name);
+    }
+}
+
+/// The `*.pid` files under `dir`, at any depth (symbolic links are not followed).
+fn pidfiles_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(path),
+                Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "pid") => {
+                    found.push(path);
+                }
+                _ => {}
+            }
+        }
+    }
+    found
 }
 
 /// Removes the context of the destroyed cluster `state` from the client config at `path`: the

@@ -1,7 +1,9 @@
 //! A cluster's state directory (`~/.kiln/clusters/<name>/`): `state.yaml` with everything
 //! `destroy` needs to undo a create (written before each object is created, so a create killed
 //! halfway leaves enough to clean up), per node `<node>.log` (its console), `<node>.pid`,
-//! `<node>.sock` and `<node>/` (its volumes), per helper `<helper>.pid` and `<helper>.log`.
+//! `<node>.sock` and `<node>/` (its volumes), per helper `<helper>.pid` and `<helper>.log`,
+//! and `attached/<name>.yaml` for objects a tool outside the lab keeps beside the cluster
+//! ([`Attachment`]).
 //!
 //! Everything the cluster owns is found by identity from here: processes by pid file (pid and
 //! start time, [`crate::daemon`]), links and namespaces by the names in `state.yaml` and the
@@ -278,6 +280,82 @@ impl StateDir {
         kiln_config::client::write_private(&path, text.as_bytes())
             .map_err(|source| StateError::Io { path, source })
     }
+
+    fn attachment_file(&self, name: &str) -> PathBuf {
+        self.dir.join("attached").join(format!("{name}.yaml"))
+    }
+
+    /// Records (or replaces) attachment `name`: call it before making the objects it names.
+    pub fn attach(&self, name: &str, attachment: &Attachment) -> Result<(), StateError> {
+        let path = self.attachment_file(name);
+        let text = serde_yaml::to_string(attachment).map_err(|source| StateError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        kiln_config::client::write_private(&path, text.as_bytes())
+            .map_err(|source| StateError::Io { path, source })
+    }
+
+    /// Forgets attachment `name` (its tool removed the objects itself).
+    pub fn detach(&self, name: &str) {
+        let _ = std::fs::remove_file(self.attachment_file(name));
+    }
+
+    /// Every attachment, by name; a file that cannot be read is an error naming it.
+    pub fn attachments(&self) -> Result<Vec<(String, Attachment)>, StateError> {
+        let dir = self.dir.join("attached");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StateError::Io { path: dir, source }),
+        };
+        let mut found = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".yaml"))
+            else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path).map_err(|source| StateError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let a = serde_yaml::from_str(&text).map_err(|source| StateError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+            found.push((name.to_owned(), a));
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+}
+
+/// Objects a tool other than the lab makes for a cluster and keeps beside it (the kubeadm
+/// rehearsal's legacy nodes and their HAProxy), recorded in the state directory before they
+/// are made ([`StateDir::attach`]), so that `kiln cluster destroy` removes them when the tool
+/// could not (it was killed). Found by identity like the lab's own objects: processes by pid
+/// file (pid and start time), links by name and the cluster's owner mark, namespaces by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Directories whose `*.pid` files, at any depth, name processes to stop.
+    #[serde(default)]
+    pub pid_dirs: Vec<PathBuf>,
+    /// Host links, removed only when they carry the cluster's owner mark.
+    #[serde(default)]
+    pub links: Vec<String>,
+    /// Network namespaces.
+    #[serde(default)]
+    pub netns: Vec<String>,
 }
 
 /// FNV-1a: short, stable names from paths.

@@ -15,13 +15,13 @@
 //! (its `/etc/kubernetes/pki`, etcd data, pidfile and log) and HAProxy's configuration,
 //! pidfiles and log. Processes are known by pidfile identity (pid and start time), namespaces
 //! and host-side veths by name, the veths also by the cluster's owner mark. [`Legacy::destroy`]
-//! removes all of it; the cluster's `destroy` runs it first.
+//! removes all of it; the cluster's `destroy` runs it first. Before any of it is made, it is
+//! recorded in the cluster's state directory as attachment [`ATTACHMENT`], so that `kiln
+//! cluster destroy` removes it too when the harness was killed mid-run.
 //!
 //! # Limitations
 //!
-//! `kiln cluster destroy` does not know these objects: if the harness is killed mid-run they
-//! stay (namespaces `kiln-<cluster>-kubeadm-*`, processes naming the state directory). HAProxy
-//! retries a refused connection elsewhere, so the writer's failure count shows that the
+//! HAProxy retries a refused connection elsewhere, so the writer's failure count shows that the
 //! endpoint answered, not the order of the steps.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -33,7 +33,10 @@ use anyhow::{Context as _, bail};
 use kiln_os_api::wait::{Poll, until};
 use kiln_provisioner::daemon::{self, Identity};
 use kiln_provisioner::network::netlink;
-use kiln_provisioner::state::{ClusterState, StateDir};
+use kiln_provisioner::state::{Attachment, ClusterState, StateDir};
+
+/// The name of the attachment ([`Attachment`]) that records the objects made here.
+pub const ATTACHMENT: &str = "kubeadm";
 
 /// The port of the control-plane endpoint (kube-apiserver's) on HAProxy.
 pub const ENDPOINT_PORT: u16 = 6443;
@@ -98,6 +101,9 @@ pub struct Legacy {
     haproxies: Vec<Identity>,
     reloads: usize,
     mark: String,
+    /// The cluster's state directory, where what is made here is recorded as attachment
+    /// [`ATTACHMENT`] for `kiln cluster destroy`.
+    state_dir: StateDir,
     /// The apiserver-etcd-client certificate and key (PEM) and the etcd CA, for clients.
     client: (String, String, String),
     /// How long one etcd request through HAProxy may take: 3 s, 12 s for QEMU nodes (TCG
@@ -450,10 +456,31 @@ impl Legacy {
             haproxies: Vec::new(),
             reloads: 0,
             mark: dir.owner_mark(),
+            state_dir: dir.clone(),
             client: Default::default(),
             secrets: None,
             configs: None,
         };
+        // Recorded before anything is made: should this process be killed, `kiln cluster
+        // destroy` removes it.
+        dir.attach(
+            ATTACHMENT,
+            &Attachment {
+                pid_dirs: vec![root.clone()],
+                links: legacy
+                    .nodes
+                    .iter()
+                    .map(|n| n.veth.clone())
+                    .chain([legacy.lb_veth.clone()])
+                    .collect(),
+                netns: legacy
+                    .nodes
+                    .iter()
+                    .map(|n| n.netns.clone())
+                    .chain([legacy.lb_netns.clone()])
+                    .collect(),
+            },
+        )?;
         // From here on, what fails is cleaned up by destroy (the caller keeps the handle).
         let shared = root.join("pki");
         shared_pki(&shared).await?;
@@ -913,6 +940,7 @@ impl Legacy {
         for n in &mut self.nodes {
             n.destroyed = true;
         }
+        self.state_dir.detach(ATTACHMENT);
     }
 
     /// Runs `kiln gen secrets --from-kubernetes-pki <first node's pki>
