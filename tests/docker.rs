@@ -351,6 +351,20 @@ fn docker_cluster_over_two_swarm_engines_keeps_quorum_and_every_write_when_one_e
     let on_a = lines(a, &["ps", "-q", "--filter", "label=dev.kiln.node"]);
     assert_eq!((on_a.len(), on_b.len()), (2, 1), "{on_a:?} {on_b:?}");
     let (node_b, nodes_a) = (addr(1), vec![addr(0), addr(2)]);
+    // `cluster show` says which engine runs which node (table and JSON).
+    let show = env.ok(&["cluster", "show", "--name", name]);
+    let row = |node: &str| {
+        show.lines()
+            .find(|l| l.starts_with(&format!("{name}-{node} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(show.contains("ENGINE"), "{show}");
+    assert!(row("controlplane-2").ends_with(&b.host()), "{show}");
+    assert!(row("controlplane-3").ends_with(&a.host()), "{show}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["cluster", "show", "--name", name, "-o", "json"])).unwrap();
+    assert_eq!(json["nodes"][1]["engine"].as_str(), Some(b.host().as_str()));
 
     let health = env.ok(&["health"]);
     assert!(health.contains("is healthy"), "{health}");

@@ -476,11 +476,25 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
     Ok(opts)
 }
 
+/// The Docker engine running a node, when the cluster spreads over several (a Swarm).
+fn swarm_engine(n: &kiln_provisioner::state::NodeState) -> Option<String> {
+    n.provider_state::<provision::docker::DockerNode>(provision::docker::NAME)
+        .filter(|d| d.swarm)
+        .map(|d| d.host)
+}
+
 fn print_nodes(state: &ClusterState) {
+    let swarm = state.nodes.iter().any(|n| swarm_engine(n).is_some());
     let rows: Vec<Vec<String>> = state
         .nodes
         .iter()
-        .map(|n| vec![n.name.clone(), n.role.to_string(), n.address.to_string()])
+        .map(|n| {
+            let mut row = vec![n.name.clone(), n.role.to_string(), n.address.to_string()];
+            if swarm {
+                row.push(swarm_engine(n).unwrap_or_default());
+            }
+            row
+        })
         .collect();
     println!(
         "\nPROVISIONER   {}\nNAME          {}\nNETWORK       {} ({})\nENDPOINT      {}\n",
@@ -501,7 +515,12 @@ fn print_nodes(state: &ClusterState) {
         },
         state.endpoint
     );
-    print!("{}", output::table(&["NODE", "ROLE", "ADDRESS"], &rows));
+    let headers: &[&str] = if swarm {
+        &["NODE", "ROLE", "ADDRESS", "ENGINE"]
+    } else {
+        &["NODE", "ROLE", "ADDRESS"]
+    };
+    print!("{}", output::table(headers, &rows));
 }
 
 #[derive(Serialize)]
@@ -512,6 +531,9 @@ struct ShowNode {
     state: String,
     boots: u32,
     os_version: String,
+    /// The Docker engine running it, on a cluster over several engines (a Swarm).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -586,6 +608,7 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
                 .get(&n.address.to_string())
                 .cloned()
                 .unwrap_or_default(),
+            engine: swarm_engine(n),
         });
     }
     let helpers = state
@@ -635,24 +658,30 @@ async fn show(target: &Target, format: OutputFormat, global: &GlobalArgs) -> any
             s += &format!("ACCELERATOR  {} ({})\n", a.accel, a.reason);
         }
         s += "\n";
+        let swarm = c.nodes.iter().any(|n| n.engine.is_some());
         let rows: Vec<Vec<String>> = c
             .nodes
             .iter()
             .map(|n| {
-                vec![
+                let mut row = vec![
                     n.name.clone(),
                     n.role.clone(),
                     n.address.clone(),
                     n.state.clone(),
                     n.boots.to_string(),
                     n.os_version.clone(),
-                ]
+                ];
+                if swarm {
+                    row.push(n.engine.clone().unwrap_or_default());
+                }
+                row
             })
             .collect();
-        s += &output::table(
-            &["NODE", "ROLE", "ADDRESS", "STATE", "BOOTS", "OS VERSION"],
-            &rows,
-        );
+        let mut headers = vec!["NODE", "ROLE", "ADDRESS", "STATE", "BOOTS", "OS VERSION"];
+        if swarm {
+            headers.push("ENGINE");
+        }
+        s += &output::table(&headers, &rows);
         if let Some(lb) = &c.load_balancer {
             s += "\n";
             s += &kiln_provisioner::lb_helper::table(lb);
