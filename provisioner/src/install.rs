@@ -60,7 +60,7 @@ pub fn boot_dir(dir: &StateDir, node: &str) -> PathBuf {
     dir.node_root(node).join("boot")
 }
 
-fn now_millis() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -86,11 +86,6 @@ pub fn choose_slot(boot_dir: &Path, why: &str) -> Result<BootChoice, InstallErro
     let choice = record.choose(why, now_millis());
     record.store(boot_dir)?;
     Ok(choice)
-}
-
-/// The slot that boots when nothing is marked to boot once.
-pub fn default_slot(boot_dir: &Path) -> Result<Slot, InstallError> {
-    Ok(SlotRecord::load(boot_dir)?.map_or(Slot::A, |r| r.default))
 }
 
 /// The program a launcher starts for `choice` and its extra arguments: `kiln machined` for the

@@ -213,6 +213,29 @@ pub struct BootChoice {
     pub content: Option<SlotContent>,
     /// Set when this power-on gave up on a new release.
     pub fell_back: Option<FailedBoot>,
+    /// The record's default slot (what a fallback boots).
+    pub default: Slot,
+}
+
+/// The rule every launcher follows after [`SlotRecord::choose`]: `choose` applies it to the
+/// stored record with the reason the previous boot ended (and stores the record back);
+/// `start` starts the choice. A new release that cannot even start counts as a failed boot:
+/// `failed_why` describes the error, and the choice is made again with that reason, which
+/// falls back to the default slot. A failure of the default slot (or of `choose`) is returned.
+pub fn start_chosen<T, E>(
+    why: &str,
+    mut choose: impl FnMut(&str) -> Result<BootChoice, E>,
+    mut start: impl FnMut(&BootChoice) -> Result<T, E>,
+    failed_why: impl Fn(&E) -> String,
+) -> Result<T, E> {
+    let mut why = why.to_owned();
+    loop {
+        let choice = choose(&why)?;
+        match start(&choice) {
+            Err(e) if choice.slot != choice.default => why = failed_why(&e),
+            result => return result,
+        }
+    }
 }
 
 impl SlotRecord {
@@ -286,6 +309,7 @@ impl SlotRecord {
             slot: self.booted,
             content: self.content(self.booted).cloned(),
             fell_back,
+            default: self.default,
         }
     }
 
@@ -487,5 +511,45 @@ mod tests {
             r.next.as_ref().unwrap().leave_at_reboot,
             "machined still sees the mark"
         );
+    }
+
+    #[test]
+    fn a_new_release_that_cannot_start_falls_back_and_a_default_that_cannot_start_is_an_error() {
+        let mut r = SlotRecord::fresh(content("v1"));
+        r.boot_once(Slot::B, content("v2"));
+        let mut tried = Vec::new();
+        let booted = start_chosen(
+            "reboot",
+            |why| Ok::<_, String>(r.choose(why, 7)),
+            |c| {
+                tried.push(c.slot);
+                if c.slot == Slot::B {
+                    Err("no machined".to_owned())
+                } else {
+                    Ok(c.clone())
+                }
+            },
+            |e| format!("starting its machined failed: {e}"),
+        )
+        .unwrap();
+        assert_eq!(tried, [Slot::B, Slot::A]);
+        assert_eq!(booted.slot, Slot::A);
+        let failure = booted.fell_back.expect("the fallback is recorded");
+        assert_eq!(failure.slot, Slot::B);
+        assert!(failure.reason.contains("no machined"), "{}", failure.reason);
+        assert_eq!(
+            r.content(Slot::B),
+            None,
+            "a release that failed is not kept"
+        );
+
+        let err = start_chosen(
+            "power-on",
+            |why| Ok::<_, String>(r.choose(why, 8)),
+            |_| Err::<(), _>("broken".to_owned()),
+            |e| e.clone(),
+        )
+        .unwrap_err();
+        assert_eq!(err, "broken");
     }
 }

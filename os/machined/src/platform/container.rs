@@ -221,7 +221,7 @@ pub fn bootloader(args: &[String]) {
     if std::env::var_os(BOOT_SLOT_ENV).is_some() {
         return;
     }
-    let mut why = match std::fs::read_to_string(dir.join(LAST_END)) {
+    let why = match std::fs::read_to_string(dir.join(LAST_END)) {
         Ok(text) => {
             let _ = std::fs::remove_file(dir.join(LAST_END));
             text.trim().to_owned()
@@ -229,58 +229,53 @@ pub fn bootloader(args: &[String]) {
         Err(_) => "the container stopped without a reboot: machined exited, crashed or was killed"
             .to_owned(),
     };
-    loop {
-        let mut record = match SlotRecord::load(&dir) {
-            Ok(r) => r.unwrap_or_else(|| SlotRecord::fresh(image_release())),
-            Err(e) => {
-                eprintln!("bootloader: {e}; booting the node image's release without slots");
-                return;
+    let booted = kiln_os_api::slots::start_chosen(
+        &why,
+        |why| {
+            let mut record = SlotRecord::load(&dir)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_else(|| SlotRecord::fresh(image_release()));
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let choice = record.choose(why, now);
+            record.store(&dir).map_err(|e| e.to_string())?;
+            Ok(choice)
+        },
+        |choice| {
+            if let Some(failed) = &choice.fell_back {
+                eprintln!("bootloader: {}", failed.reason);
             }
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let choice = record.choose(&why, now);
-        if let Err(e) = record.store(&dir) {
-            eprintln!("bootloader: {e}; booting the node image's release without slots");
-            return;
-        }
-        if let Some(failed) = &choice.fell_back {
-            eprintln!("bootloader: {}", failed.reason);
-        }
-        eprintln!(
-            "bootloader: booting slot {} ({})",
-            choice.slot,
-            choice
-                .content
-                .as_ref()
-                .map_or("empty", |c| c.version.as_str())
-        );
-        if choice.content.as_ref().is_none_or(|c| c.builtin) {
-            #[allow(unsafe_code)]
-            // SAFETY: called at the start of main, before any thread exists.
-            unsafe {
-                std::env::set_var(BOOT_SLOT_ENV, choice.slot.name());
-            }
-            return;
-        }
-        let slot = dir.join(choice.slot.name());
-        let program = slot.join(MACHINED);
-        use std::os::unix::process::CommandExt as _;
-        let err = std::process::Command::new(&program)
-            .args(slot_args(args.get(1..).unwrap_or_default(), &slot))
-            .env(BOOT_SLOT_ENV, choice.slot.name())
-            .exec();
-        if choice.slot == record.default {
             eprintln!(
-                "bootloader: starting {} failed ({err}); booting the node image's release without slots",
-                program.display()
+                "bootloader: booting slot {} ({})",
+                choice.slot,
+                choice
+                    .content
+                    .as_ref()
+                    .map_or("empty", |c| c.version.as_str())
             );
-            return;
-        }
-        // A new release that cannot even start counts as a failed boot: the next choice falls
-        // back to the default slot.
-        why = format!("starting its machined failed: {err}");
+            if choice.content.as_ref().is_none_or(|c| c.builtin) {
+                #[allow(unsafe_code)]
+                // SAFETY: called at the start of main, before any thread exists.
+                unsafe {
+                    std::env::set_var(BOOT_SLOT_ENV, choice.slot.name());
+                }
+                return Ok(());
+            }
+            let slot = dir.join(choice.slot.name());
+            let program = slot.join(MACHINED);
+            use std::os::unix::process::CommandExt as _;
+            // Returns only when it failed.
+            let err = std::process::Command::new(&program)
+                .args(slot_args(args.get(1..).unwrap_or_default(), &slot))
+                .env(BOOT_SLOT_ENV, choice.slot.name())
+                .exec();
+            Err(format!("starting {} failed ({err})", program.display()))
+        },
+        |e| format!("starting its machined failed: {e}"),
+    );
+    if let Err(e) = booted {
+        eprintln!("bootloader: {e}; booting the node image's release without slots");
     }
 }
 

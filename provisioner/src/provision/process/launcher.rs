@@ -289,7 +289,6 @@ struct Launcher {
 
 impl Launcher {
     fn spawn(&mut self) -> Result<(), LaunchError> {
-        use std::os::unix::process::CommandExt as _;
         let exe = crate::daemon::kiln_binary()?;
         let log_path = self.dir.log(&self.node.name);
         let log = std::fs::OpenOptions::new()
@@ -298,11 +297,37 @@ impl Launcher {
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let boot = crate::install::boot_dir(&self.dir, &self.node.name);
-        let choice = crate::install::choose_slot(&boot, &self.last_end)?;
+        let child = kiln_os_api::slots::start_chosen(
+            &self.last_end,
+            |why| Ok(crate::install::choose_slot(&boot, why)?),
+            |choice| self.start_machined(&boot, choice, &exe, &log),
+            |e| format!("starting its machined failed: {e}"),
+        )?;
+        if let Some(pid) = child.id() {
+            crate::daemon::write_pidfile(&self.dir.pidfile(&self.node.name), pid)?;
+        }
+        self.watchdog = pending_confirmation(&boot)
+            .then(|| tokio::time::Instant::now() + kiln_os_api::slots::watchdog());
+        self.child = Some(child);
+        self.boots += 1;
+        self.paused = false;
+        self.off = false;
+        Ok(())
+    }
+
+    /// Starts machined for `choice` (one try of [`kiln_os_api::slots::start_chosen`]).
+    fn start_machined(
+        &self,
+        boot: &std::path::Path,
+        choice: &kiln_os_api::slots::BootChoice,
+        exe: &std::path::Path,
+        log: &std::fs::File,
+    ) -> Result<tokio::process::Child, LaunchError> {
+        use std::os::unix::process::CommandExt as _;
         if let Some(failed) = &choice.fell_back {
             eprintln!("launcher: {}: {}", self.node.name, failed.reason);
         }
-        let (program, slot_args) = crate::install::machined_command(&boot, &choice, &exe);
+        let (program, slot_args) = crate::install::machined_command(boot, choice, exe);
         eprintln!(
             "launcher: {} boots slot {} ({})",
             self.node.name,
@@ -314,7 +339,7 @@ impl Launcher {
         );
         let mut cmd = std::process::Command::new(program);
         cmd.args(slot_args)
-            .env(kiln_os_api::slots::BOOT_DIR_ENV, &boot)
+            .env(kiln_os_api::slots::BOOT_DIR_ENV, boot)
             .env(kiln_os_api::slots::BOOT_SLOT_ENV, choice.slot.name())
             .arg("--root")
             .arg(self.dir.node_root(&self.node.name))
@@ -338,7 +363,7 @@ impl Launcher {
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("duplicating the log"))?)
-            .stderr(log)
+            .stderr(log.try_clone().map_err(io("duplicating the log"))?)
             .process_group(0);
         let netns = match &self.process.netns {
             Some(ns) => Some(
@@ -348,26 +373,9 @@ impl Launcher {
             None => None,
         };
         prepare_child(&mut cmd, netns);
-        let child = match tokio::process::Command::from(cmd).spawn() {
-            Ok(child) => child,
-            // A new release that cannot even start (no machined in its slot) counts as a
-            // failed boot like any other: the next choice falls back to the default slot.
-            Err(e) if choice.slot != crate::install::default_slot(&boot)? => {
-                self.last_end = format!("starting its machined failed: {e}");
-                return self.spawn();
-            }
-            Err(e) => return Err(io("starting machined")(e)),
-        };
-        if let Some(pid) = child.id() {
-            crate::daemon::write_pidfile(&self.dir.pidfile(&self.node.name), pid)?;
-        }
-        self.watchdog = pending_confirmation(&boot)
-            .then(|| tokio::time::Instant::now() + kiln_os_api::slots::watchdog());
-        self.child = Some(child);
-        self.boots += 1;
-        self.paused = false;
-        self.off = false;
-        Ok(())
+        tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(io("starting machined"))
     }
 
     /// The watchdog fired: resets the node if its new release still has not confirmed.

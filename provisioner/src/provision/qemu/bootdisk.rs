@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_os_api::slots::{BootChoice, SLOT_ARG, Slot, SlotRecord};
+use kiln_os_api::slots::{BootChoice, SLOT_ARG, SlotRecord};
 
 pub use kiln_os_api::slots::BOOT_DISK_SERIAL;
 
@@ -150,57 +150,47 @@ impl Booted {
 /// read counts as a failed boot: the default slot boots instead.
 pub fn choose(image: &Path, scratch: &Path, why: &str) -> Result<Booted, String> {
     std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let mut why = why.to_owned();
-    loop {
-        let mut record = load(image, scratch)?
-            .unwrap_or_else(|| SlotRecord::fresh(crate::install::builtin_release()));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let choice = record.choose(&why, now);
-        store(image, scratch, &record)?;
-        if choice.content.as_ref().is_none_or(|c| c.builtin) {
-            return Ok(Booted {
-                choice,
-                files: None,
-            });
-        }
-        let slot = choice.slot;
-        let copy = |inside: &str, name: &str| -> Result<PathBuf, String> {
-            let dest = scratch.join(format!("{}-{name}", slot.name()));
-            get(image, &format!("{}/{inside}", slot.name()), &dest)?;
-            Ok(dest)
-        };
-        match copy(KERNEL, "vmlinuz").and_then(|k| Ok((k, copy(INITRAMFS, "initramfs.zst")?))) {
-            Ok(files) => {
+    kiln_os_api::slots::start_chosen(
+        why,
+        |why| {
+            let mut record = load(image, scratch)?
+                .unwrap_or_else(|| SlotRecord::fresh(crate::install::builtin_release()));
+            let choice = record.choose(why, crate::install::now_millis());
+            store(image, scratch, &record)?;
+            Ok(choice)
+        },
+        |choice| {
+            if choice.content.as_ref().is_none_or(|c| c.builtin) {
                 return Ok(Booted {
-                    choice,
-                    files: Some(files),
+                    choice: choice.clone(),
+                    files: None,
                 });
             }
-            Err(e) if slot != record.default => {
-                why = format!(
-                    "its kernel or initramfs cannot be read ({e}); an installer for metal nodes comes from `kiln image build --push`"
-                );
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The default slot of the record on the disk (A when there is none).
-pub fn default_slot(image: &Path, scratch: &Path) -> Slot {
-    load(image, scratch)
-        .ok()
-        .flatten()
-        .map_or(Slot::A, |r| r.default)
+            let slot = choice.slot;
+            let copy = |inside: &str, name: &str| -> Result<PathBuf, String> {
+                let dest = scratch.join(format!("{}-{name}", slot.name()));
+                get(image, &format!("{}/{inside}", slot.name()), &dest)?;
+                Ok(dest)
+            };
+            let kernel = copy(KERNEL, "vmlinuz")?;
+            Ok(Booted {
+                choice: choice.clone(),
+                files: Some((kernel, copy(INITRAMFS, "initramfs.zst")?)),
+            })
+        },
+        |e| {
+            format!(
+                "its kernel or initramfs cannot be read ({e}); an installer for metal nodes comes from `kiln image build --push`"
+            )
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use kiln_os_api::slots::SlotContent;
+    use kiln_os_api::slots::{Slot, SlotContent};
 
     #[test]
     fn the_launcher_boots_a_new_release_once_from_the_disk_then_falls_back() {
@@ -257,7 +247,7 @@ mod tests {
         assert_eq!(back.choice.slot, Slot::A);
         let failed = back.choice.fell_back.unwrap();
         assert!(failed.reason.contains("guest-panic"), "{}", failed.reason);
-        assert_eq!(default_slot(&image, &scratch), Slot::A);
+        assert_eq!(back.choice.default, Slot::A);
     }
 
     #[test]
