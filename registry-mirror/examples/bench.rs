@@ -425,11 +425,10 @@ async fn pull_image(
 
 /// What storing `mib` MiB costs on this machine, without any registry: written to a new file
 /// (the page cache takes new pages, as a cold pull's store does), again right after that file
-/// was deleted (its pages are reused), and over the cached file in place. On a virtual machine
-/// whose host takes back the guest's free memory (free page reporting), the first is many
-/// times the others: every new page is faulted in by the host. The direct pull pays none of
-/// this (the upstream serves from a warm page cache); a cold pull through any caching mirror
-/// pays it once per byte stored.
+/// was deleted (its pages are reused), and over the cached file in place. On the development
+/// machine (a virtual machine whose host takes back free guest memory) the first is often many
+/// times the others. The direct pull pays none of this (the upstream serves from a warm page
+/// cache); a cold pull through any caching mirror pays it once per byte stored.
 fn fresh_page_cost(mib: usize) -> anyhow::Result<()> {
     use std::io::Write as _;
     let dir = tempfile::tempdir()?;
