@@ -213,11 +213,30 @@ fn a_cluster_works_beside_dockers_firewall_and_leaves_it_as_it_was() {
     assert!(reach());
 
     let objects = owned(&env.state_dir("it-docker"));
+    let mark =
+        kiln_provisioner::state::StateDir::new(&env.home.join(".kiln/clusters"), "it-docker")
+            .owner_mark();
     env.ok(&["cluster", "destroy", "--name", "it-docker"]);
     assert_no_leaks(&objects);
+    let after = rules();
+    assert!(
+        !after.contains(&mark),
+        "a rule of the cluster is left:\n{after}"
+    );
+    // Other labs on this host may add or remove their own rules meanwhile: theirs are left out
+    // of the comparison, everything else must be exactly as before.
     assert_eq!(
-        rules(),
-        before,
+        without_other_labs(&after, &mark),
+        without_other_labs(&before, &mark),
         "destroy removes exactly the rules create added"
     );
+}
+
+/// `rules` without the lines of other Kiln clusters (marked `kiln:<id>:<name>`, not `mark`).
+fn without_other_labs(rules: &str, mark: &str) -> String {
+    rules
+        .lines()
+        .filter(|l| !l.contains("kiln:") || l.contains(mark))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
