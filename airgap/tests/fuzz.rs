@@ -206,9 +206,12 @@ fn dns_survives_random_and_mangled_packets() -> anyhow::Result<()> {
             let _ = s.write_all(&framed).await;
             drop(s);
         }
-        // Still serving: a good query gets its answer (stray answers to the junk, including
-        // mangled copies of `good`, are skipped by id).
+        // Still serving: a good query gets its answer. It goes out from a socket of its own:
+        // answers to the junk (a random packet may carry any id, this query's too) all go to
+        // the first socket.
         let check = query(0x7e57, "kiln-default.kiln.internal");
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        sock.connect(dns.addr).await?;
         sock.send(&check).await?;
         let mut buf = [0u8; 1500];
         let answered = tokio::time::timeout(Duration::from_secs(10), async {
