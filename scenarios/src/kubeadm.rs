@@ -467,18 +467,8 @@ impl Legacy {
             ATTACHMENT,
             &Attachment {
                 pid_dirs: vec![root.clone()],
-                links: legacy
-                    .nodes
-                    .iter()
-                    .map(|n| n.veth.clone())
-                    .chain([legacy.lb_veth.clone()])
-                    .collect(),
-                netns: legacy
-                    .nodes
-                    .iter()
-                    .map(|n| n.netns.clone())
-                    .chain([legacy.lb_netns.clone()])
-                    .collect(),
+                links: legacy.links().map(|(veth, _, _)| veth).collect(),
+                netns: legacy.links().map(|(_, netns, _)| netns).collect(),
             },
         )?;
         // From here on, what fails is cleaned up by destroy (the caller keeps the handle).
@@ -490,13 +480,8 @@ impl Legacy {
             std::fs::read_to_string(shared.join("apiserver-etcd-client.key"))?,
         );
         let handle = netlink::connect()?;
-        let links = legacy
-            .nodes
-            .iter()
-            .map(|n| (n.netns.clone(), n.veth.clone(), n.address))
-            .chain([(legacy.lb_netns.clone(), legacy.lb_veth.clone(), lb)])
-            .collect::<Vec<_>>();
-        for (netns, veth, address) in links {
+        let links = legacy.links().collect::<Vec<_>>();
+        for (veth, netns, address) in links {
             netlink::create_node(
                 &handle,
                 &netlink::NodeLink {
@@ -573,6 +558,14 @@ impl Legacy {
         .await
         .map_err(|t| anyhow::anyhow!("{t}"))?;
         Ok(legacy)
+    }
+
+    /// (host-side veth, namespace, address) of every legacy node and of HAProxy.
+    fn links(&self) -> impl Iterator<Item = (String, String, Ipv4Addr)> + '_ {
+        self.nodes
+            .iter()
+            .map(|n| (n.veth.clone(), n.netns.clone(), n.address))
+            .chain([(self.lb_veth.clone(), self.lb_netns.clone(), self.lb)])
     }
 
     /// The nodes not destroyed yet.
@@ -928,13 +921,8 @@ impl Legacy {
         for n in &self.nodes {
             daemon::stop_pidfile(&n.pidfile(), Duration::from_secs(10));
         }
-        let links: Vec<(String, String)> = self
-            .nodes
-            .iter()
-            .map(|n| (n.veth.clone(), n.netns.clone()))
-            .chain([(self.lb_veth.clone(), self.lb_netns.clone())])
-            .collect();
-        for (veth, netns) in links {
+        let links: Vec<_> = self.links().collect();
+        for (veth, netns, _) in links {
             self.delete_link(&veth, &netns).await;
         }
         for n in &mut self.nodes {

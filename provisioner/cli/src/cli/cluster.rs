@@ -484,14 +484,16 @@ fn swarm_engine(n: &kiln_provisioner::state::NodeState) -> Option<String> {
 }
 
 fn print_nodes(state: &ClusterState) {
-    let swarm = state.nodes.iter().any(|n| swarm_engine(n).is_some());
+    let engines: Vec<Option<String>> = state.nodes.iter().map(swarm_engine).collect();
+    let swarm = engines.iter().any(Option::is_some);
     let rows: Vec<Vec<String>> = state
         .nodes
         .iter()
-        .map(|n| {
+        .zip(&engines)
+        .map(|(n, engine)| {
             let mut row = vec![n.name.clone(), n.role.to_string(), n.address.to_string()];
             if swarm {
-                row.push(swarm_engine(n).unwrap_or_default());
+                row.push(engine.clone().unwrap_or_default());
             }
             row
         })
